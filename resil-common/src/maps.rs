@@ -1,0 +1,265 @@
+//! Layouts of the BPF maps and ring-buffer records, shared by kernel and daemon.
+//!
+//! All types are `#[repr(C)]` with explicit padding so both sides agree byte for byte.
+
+use crate::histogram::BUCKETS;
+
+/// Map names, as the daemon finds them in the object.
+pub mod names {
+    /// LRU hash: [`super::ConnKey`] → [`super::ConnState`].
+    pub const CONNECTIONS: &str = "CONNECTIONS";
+    /// LRU per-CPU hash: [`super::EndpointKey`] → [`super::EndpointStats`].
+    pub const ENDPOINTS: &str = "ENDPOINTS";
+    /// Ring buffer of [`super::HandshakeEvent`].
+    pub const HANDSHAKES: &str = "HANDSHAKES";
+    /// Per-CPU array of `u64` indexed by [`super::Health`].
+    pub const HEALTH: &str = "HEALTH";
+}
+
+/// Capacity of the connection map (LRU: the least recently used entries make room).
+pub const MAX_CONNECTIONS: u32 = 65_536;
+/// Capacity of the endpoint map (LRU).
+pub const MAX_ENDPOINTS: u32 = 8_192;
+/// Size of the handshake ring buffer in bytes (a power of two, a multiple of the page size).
+pub const HANDSHAKE_RING_BYTES: u32 = 1 << 20;
+
+/// `AF_INET`.
+pub const FAMILY_IPV4: u8 = 2;
+/// `AF_INET6`.
+pub const FAMILY_IPV6: u8 = 10;
+
+/// Which side opened a connection, seen from this node.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// This node connected out to a remote endpoint.
+    Outbound = 0,
+    /// A remote client connected to a local service.
+    Inbound = 1,
+}
+
+impl Direction {
+    /// Decodes the byte stored in maps; anything unknown reads as outbound.
+    pub fn from_u8(value: u8) -> Self {
+        if value == Direction::Inbound as u8 {
+            Direction::Inbound
+        } else {
+            Direction::Outbound
+        }
+    }
+}
+
+/// A TCP connection, always oriented from this node: `local` is the node's address.
+/// IPv4 addresses occupy the first 4 bytes of the 16, the rest zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ConnKey {
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+impl ConnKey {
+    /// The endpoint this connection's outcomes are counted for: the remote address and port
+    /// for outbound connections, the local service for inbound ones.
+    #[inline(always)]
+    pub fn endpoint(&self, direction: Direction) -> EndpointKey {
+        match direction {
+            Direction::Outbound => EndpointKey {
+                addr: self.remote_addr,
+                port: self.remote_port,
+                family: self.family,
+                direction: Direction::Outbound as u8,
+            },
+            Direction::Inbound => EndpointKey {
+                addr: self.local_addr,
+                port: self.local_port,
+                family: self.family,
+                direction: Direction::Inbound as u8,
+            },
+        }
+    }
+}
+
+/// Handshake phase of a tracked connection.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Outbound SYN sent, no answer yet.
+    SynSent = 1,
+    /// Inbound SYN received, handshake not completed.
+    SynReceived = 2,
+    /// Handshake completed.
+    Established = 3,
+}
+
+/// Per-connection state kept in the kernel's LRU map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ConnState {
+    /// `bpf_ktime_get_ns` of the first SYN.
+    pub syn_ns: u64,
+    /// Sequence number after the highest byte this node has sent.
+    pub snd_next: u32,
+    /// Sequence number after the highest byte the peer has sent.
+    pub rcv_next: u32,
+    /// A [`Phase`] as a byte.
+    pub phase: u8,
+    /// A [`Direction`] as a byte.
+    pub direction: u8,
+    /// [`conn_flags`] bits.
+    pub flags: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Bits of [`ConnState::flags`].
+pub mod conn_flags {
+    /// The peer has sent payload on this connection.
+    pub const PEER_DATA: u8 = 1;
+}
+
+/// A remote endpoint (outbound) or a local service (inbound).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct EndpointKey {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub family: u8,
+    /// A [`Direction`] as a byte.
+    pub direction: u8,
+}
+
+/// Counters per endpoint, one copy per CPU; the daemon sums them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointStats {
+    /// Connection attempts (first SYN of a connection).
+    pub attempts: u64,
+    /// Handshakes completed.
+    pub established: u64,
+    /// Handshakes answered with a RST.
+    pub refused: u64,
+    /// Resets received on established connections.
+    pub resets_in: u64,
+    /// Resets sent on established connections.
+    pub resets_out: u64,
+    /// Retransmitted SYNs (or SYN-ACKs for inbound connections).
+    pub syn_retransmits: u64,
+    /// Retransmitted data segments, either direction.
+    pub retransmits: u64,
+    /// ICMP or ICMPv6 destination-unreachable messages for tracked connections.
+    pub unreachable: u64,
+    /// Handshake latency histogram, see [`crate::histogram`].
+    pub latency: [u64; BUCKETS],
+}
+
+impl EndpointStats {
+    /// All counters zero: a `const` so the kernel can insert it from read-only data instead of
+    /// building 448 bytes on its 512-byte stack.
+    pub const ZERO: EndpointStats = EndpointStats {
+        attempts: 0,
+        established: 0,
+        refused: 0,
+        resets_in: 0,
+        resets_out: 0,
+        syn_retransmits: 0,
+        retransmits: 0,
+        unreachable: 0,
+        latency: [0; BUCKETS],
+    };
+}
+
+impl Default for EndpointStats {
+    fn default() -> Self {
+        Self::ZERO
+    }
+}
+
+/// Kinds of [`HandshakeEvent`]: one `Started` and at most one outcome per outbound handshake.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandshakeKind {
+    /// The first SYN left.
+    Started = 1,
+    /// SYN-ACK arrived; `latency_ns` is set.
+    Established = 2,
+    /// RST answered the SYN.
+    Refused = 3,
+    /// ICMP destination unreachable answered the SYN.
+    Unreachable = 4,
+    /// The peer reset the connection before sending any data.
+    ResetBeforeReply = 5,
+}
+
+impl HandshakeKind {
+    /// Decodes the byte in a ring-buffer record.
+    pub fn from_u8(value: u8) -> Option<Self> {
+        Some(match value {
+            1 => Self::Started,
+            2 => Self::Established,
+            3 => Self::Refused,
+            4 => Self::Unreachable,
+            5 => Self::ResetBeforeReply,
+            _ => return None,
+        })
+    }
+}
+
+/// One ring-buffer record per handshake step, never per packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct HandshakeEvent {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when the kernel saw it.
+    pub ts_ns: u64,
+    /// SYN to SYN-ACK, for `Established`.
+    pub latency_ns: u64,
+    pub conn: ConnKey,
+    /// A [`HandshakeKind`] as a byte.
+    pub kind: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Indices of the per-CPU `HEALTH` counters: rare conditions the daemon reports.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// A connection could not be inserted into the connection map.
+    ConnInsertFailed = 0,
+    /// An endpoint could not be inserted into the endpoint map.
+    EndpointInsertFailed = 1,
+    /// A handshake event was dropped because the ring buffer was full.
+    EventsLost = 2,
+    /// A TCP or ICMP packet whose headers were truncated or malformed.
+    Malformed = 3,
+}
+
+/// Number of `HEALTH` slots.
+pub const HEALTH_SLOTS: u32 = 4;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain `#[repr(C)]` data with explicit padding and no invalid bit patterns.
+    unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::ConnState {}
+    unsafe impl aya::Pod for super::EndpointKey {}
+    unsafe impl aya::Pod for super::EndpointStats {}
+    unsafe impl aya::Pod for super::HandshakeEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_hidden_padding() {
+        assert_eq!(size_of::<ConnKey>(), 40);
+        assert_eq!(size_of::<ConnState>(), 24);
+        assert_eq!(size_of::<EndpointKey>(), 20);
+        assert_eq!(size_of::<EndpointStats>(), 8 * (8 + BUCKETS));
+        assert_eq!(size_of::<HandshakeEvent>(), 64);
+    }
+}
