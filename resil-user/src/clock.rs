@@ -1,0 +1,11 @@
+//! The kernel's clock: BPF timestamps (`bpf_ktime_get_ns`) are CLOCK_MONOTONIC nanoseconds.
+
+use nix::time::{clock_gettime, ClockId};
+
+/// CLOCK_MONOTONIC now, in nanoseconds, comparable with kernel event timestamps.
+pub fn monotonic_ns() -> u64 {
+    // CLOCK_MONOTONIC cannot fail on Linux; 0 would only make timeouts fire late, never early.
+    clock_gettime(ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,130 @@
+//! Reads what the kernel counted: per-endpoint counters, handshake events, health counters.
+//! Knows nothing of policy.
+
+use anyhow::{Context as _, Result};
+use aya::maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use resil_common::maps::{names, EndpointKey, EndpointStats, HandshakeEvent, Health, HEALTH_SLOTS};
+
+use crate::probes::Probes;
+
+/// Readers of the kernel's maps.
+pub struct Collector {
+    endpoints: PerCpuHashMap<MapData, EndpointKey, EndpointStats>,
+    health: PerCpuArray<MapData, u64>,
+    last_health: [u64; HEALTH_SLOTS as usize],
+}
+
+/// Sums per-CPU endpoint counters.
+fn sum(values: &[EndpointStats]) -> EndpointStats {
+    let mut total = EndpointStats::ZERO;
+    for v in values {
+        total.attempts += v.attempts;
+        total.established += v.established;
+        total.refused += v.refused;
+        total.resets_in += v.resets_in;
+        total.resets_out += v.resets_out;
+        total.syn_retransmits += v.syn_retransmits;
+        total.retransmits += v.retransmits;
+        total.unreachable += v.unreachable;
+        for (t, b) in total.latency.iter_mut().zip(v.latency.iter()) {
+            *t += b;
+        }
+    }
+    total
+}
+
+/// Decodes one ring-buffer record; `None` if it is too short.
+pub fn decode_event(bytes: &[u8]) -> Option<HandshakeEvent> {
+    if bytes.len() < std::mem::size_of::<HandshakeEvent>() {
+        return None;
+    }
+    // SAFETY: length checked; HandshakeEvent is plain old data, read unaligned.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<HandshakeEvent>()) })
+}
+
+impl Collector {
+    /// Takes the counter maps from the loaded programs, and returns the handshake ring buffer
+    /// separately so the caller can wait on it.
+    pub fn new(probes: &mut Probes) -> Result<(Collector, RingBuf<MapData>)> {
+        let endpoints = PerCpuHashMap::try_from(probes.take_map(names::ENDPOINTS)?)
+            .context("the endpoint map has an unexpected type")?;
+        let health = PerCpuArray::try_from(probes.take_map(names::HEALTH)?)
+            .context("the health map has an unexpected type")?;
+        let ring = RingBuf::try_from(probes.take_map(names::HANDSHAKES)?)
+            .context("the handshake map has an unexpected type")?;
+        Ok((
+            Collector {
+                endpoints,
+                health,
+                last_health: [0; HEALTH_SLOTS as usize],
+            },
+            ring,
+        ))
+    }
+
+    /// Calls `f` with every endpoint's counters summed across CPUs.
+    pub fn each_endpoint(&self, mut f: impl FnMut(EndpointKey, &EndpointStats)) {
+        for item in self.endpoints.iter() {
+            // An entry evicted between listing and reading is simply skipped this tick.
+            if let Ok((key, values)) = item {
+                f(key, &sum(&values));
+            }
+        }
+    }
+
+    /// Health counters that grew since the last call, with how much.
+    pub fn health_increases(&mut self) -> Vec<(Health, u64)> {
+        let slots = [
+            Health::ConnInsertFailed,
+            Health::EndpointInsertFailed,
+            Health::EventsLost,
+            Health::Malformed,
+        ];
+        let mut grew = Vec::new();
+        for slot in slots {
+            let Ok(values) = self.health.get(&(slot as u32), 0) else {
+                continue;
+            };
+            let total: u64 = values.iter().sum();
+            let last = &mut self.last_health[slot as usize];
+            if total > *last {
+                grew.push((slot, total - *last));
+            }
+            *last = total;
+        }
+        grew
+    }
+}
+
+/// Drains every record waiting in the handshake ring buffer.
+pub fn drain(ring: &mut RingBuf<MapData>, mut f: impl FnMut(HandshakeEvent)) {
+    while let Some(item) = ring.next() {
+        if let Some(event) = decode_event(&item) {
+            f(event);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_across_cpus() {
+        let mut a = EndpointStats::ZERO;
+        a.attempts = 2;
+        a.latency[3] = 1;
+        let mut b = EndpointStats::ZERO;
+        b.attempts = 5;
+        b.latency[3] = 4;
+        let s = sum(&[a, b]);
+        assert_eq!((s.attempts, s.latency[3]), (7, 5));
+    }
+
+    #[test]
+    fn short_records_are_rejected() {
+        assert!(decode_event(&[0u8; 10]).is_none());
+        let event = decode_event(&[0u8; 64]).unwrap();
+        assert_eq!(event.kind, 0);
+    }
+}

@@ -1,0 +1,211 @@
+//! Per-endpoint figures, cumulative since the daemon first saw each endpoint.
+//!
+//! The kernel's endpoint map is an LRU: an idle endpoint can be evicted and come back with its
+//! counters at zero. The table notices a counter going down and keeps counting from its total,
+//! so nothing already seen is lost.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use resil_common::{
+    histogram::{quantile_us, BUCKETS},
+    maps::{Direction, EndpointKey, EndpointStats, FAMILY_IPV4},
+};
+
+use crate::{
+    api::{EndpointStatus, Latency, Side},
+    handshakes::Outcome,
+};
+
+/// Figures of one endpoint.
+#[derive(Debug, Clone, Default)]
+struct Endpoint {
+    /// Sum of everything the kernel counted, across evictions.
+    total: EndpointStats,
+    /// The kernel's last reading, to compute what is new.
+    last: EndpointStats,
+    /// Handshakes that got no answer within the connect timeout.
+    timeouts: u64,
+}
+
+/// All endpoints the daemon has seen.
+#[derive(Debug, Default)]
+pub struct EndpointTable {
+    endpoints: HashMap<EndpointKey, Endpoint>,
+}
+
+fn add_delta(total: &mut u64, last: u64, now: u64) {
+    // A reading below the last one means the kernel entry was evicted and started again.
+    *total += if now >= last { now - last } else { now };
+}
+
+impl EndpointTable {
+    /// Number of endpoints known.
+    pub fn len(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    /// Whether no endpoint is known.
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty()
+    }
+
+    /// Takes in the kernel's current (per-CPU summed) counters for one endpoint.
+    pub fn absorb(&mut self, key: EndpointKey, now: &EndpointStats) {
+        let e = self.endpoints.entry(key).or_default();
+        let (t, l) = (&mut e.total, &e.last);
+        add_delta(&mut t.attempts, l.attempts, now.attempts);
+        add_delta(&mut t.established, l.established, now.established);
+        add_delta(&mut t.refused, l.refused, now.refused);
+        add_delta(&mut t.resets_in, l.resets_in, now.resets_in);
+        add_delta(&mut t.resets_out, l.resets_out, now.resets_out);
+        add_delta(
+            &mut t.syn_retransmits,
+            l.syn_retransmits,
+            now.syn_retransmits,
+        );
+        add_delta(&mut t.retransmits, l.retransmits, now.retransmits);
+        add_delta(&mut t.unreachable, l.unreachable, now.unreachable);
+        for i in 0..BUCKETS {
+            add_delta(&mut t.latency[i], l.latency[i], now.latency[i]);
+        }
+        e.last = *now;
+    }
+
+    /// Records how a handshake to an endpoint ended (only timeouts are not in kernel counters).
+    pub fn record(&mut self, key: EndpointKey, outcome: Outcome) {
+        if outcome == Outcome::Timeout {
+            self.endpoints.entry(key).or_default().timeouts += 1;
+        }
+    }
+
+    /// Status of every endpoint, sorted by direction then address.
+    pub fn status(&self) -> Vec<EndpointStatus> {
+        let mut keys: Vec<&EndpointKey> = self.endpoints.keys().collect();
+        keys.sort_by_key(|k| (k.direction, socket_addr(k)));
+        keys.into_iter()
+            .map(|key| status_of(key, &self.endpoints[key]))
+            .collect()
+    }
+}
+
+/// The endpoint as a socket address.
+pub fn socket_addr(key: &EndpointKey) -> SocketAddr {
+    let ip = if key.family == FAMILY_IPV4 {
+        IpAddr::V4(Ipv4Addr::new(
+            key.addr[0],
+            key.addr[1],
+            key.addr[2],
+            key.addr[3],
+        ))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(key.addr))
+    };
+    SocketAddr::new(ip, key.port)
+}
+
+fn status_of(key: &EndpointKey, e: &Endpoint) -> EndpointStatus {
+    let t = &e.total;
+    // Until the breaker's windows exist, the rate is over everything seen so far.
+    let failures = t.refused + e.timeouts + t.unreachable;
+    let outcomes = t.established + failures;
+    let failure_rate = (outcomes > 0).then(|| failures as f64 / outcomes as f64);
+    let connect_latency_us = quantile_us(&t.latency, 0.5)
+        .zip(quantile_us(&t.latency, 0.99))
+        .map(|(p50, p99)| Latency {
+            p50: round1(p50),
+            p99: round1(p99),
+        });
+    EndpointStatus {
+        endpoint: socket_addr(key).to_string(),
+        direction: match Direction::from_u8(key.direction) {
+            Direction::Outbound => Side::Outbound,
+            Direction::Inbound => Side::Inbound,
+        },
+        state: "closed".to_string(),
+        attempts: t.attempts,
+        established: t.established,
+        refused: t.refused,
+        timeouts: e.timeouts,
+        unreachable: t.unreachable,
+        resets_in: t.resets_in,
+        resets_out: t.resets_out,
+        syn_retransmits: t.syn_retransmits,
+        retransmits: t.retransmits,
+        fast_failed: 0,
+        failure_rate,
+        connect_latency_us,
+    }
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use resil_common::{histogram::bucket_for_us, maps::FAMILY_IPV6};
+
+    fn key(family: u8) -> EndpointKey {
+        let mut addr = [0u8; 16];
+        addr[0] = 10;
+        addr[3] = 2;
+        if family == FAMILY_IPV6 {
+            addr[0] = 0xfd;
+            addr[15] = 2;
+        }
+        EndpointKey {
+            addr,
+            port: 80,
+            family,
+            direction: 0,
+        }
+    }
+
+    #[test]
+    fn formats_endpoints_of_both_families() {
+        assert_eq!(socket_addr(&key(FAMILY_IPV4)).to_string(), "10.0.0.2:80");
+        assert_eq!(socket_addr(&key(FAMILY_IPV6)).to_string(), "[fd00::2]:80");
+    }
+
+    #[test]
+    fn counters_survive_kernel_eviction() {
+        let mut table = EndpointTable::default();
+        let k = key(FAMILY_IPV4);
+        let mut raw = EndpointStats {
+            attempts: 5,
+            ..EndpointStats::ZERO
+        };
+        table.absorb(k, &raw);
+        raw.attempts = 7;
+        table.absorb(k, &raw);
+        // Evicted, recreated with 2.
+        raw.attempts = 2;
+        table.absorb(k, &raw);
+        assert_eq!(table.status()[0].attempts, 9);
+    }
+
+    #[test]
+    fn rates_and_latency() {
+        let mut table = EndpointTable::default();
+        let k = key(FAMILY_IPV4);
+        assert!(table.is_empty());
+        table.record(k, Outcome::Timeout);
+        let s = &table.status()[0];
+        assert_eq!((s.timeouts, s.failure_rate), (1, Some(1.0)));
+        assert!(s.connect_latency_us.is_none());
+        let mut raw = EndpointStats {
+            established: 3,
+            ..EndpointStats::ZERO
+        };
+        raw.latency[bucket_for_us(100)] = 3;
+        table.absorb(k, &raw);
+        let s = &table.status()[0];
+        assert_eq!(s.failure_rate, Some(0.25));
+        let latency = s.connect_latency_us.unwrap();
+        assert!((64.0..=128.0).contains(&latency.p50), "{latency:?}");
+    }
+}

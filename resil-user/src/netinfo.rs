@@ -1,0 +1,74 @@
+//! Facts about the host's network: the default-route interface, interface existence.
+
+use std::{fs, path::Path};
+
+/// The interface of the IPv4 default route, else of the IPv6 one.
+pub fn default_route_interface() -> Option<String> {
+    let v4 = fs::read_to_string("/proc/net/route").ok();
+    let v6 = fs::read_to_string("/proc/net/ipv6_route").ok();
+    v4.as_deref()
+        .and_then(default_ipv4_interface)
+        .or_else(|| v6.as_deref().and_then(default_ipv6_interface))
+}
+
+/// Parses `/proc/net/route`: the first route with destination and mask 0.
+pub fn default_ipv4_interface(table: &str) -> Option<String> {
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            [iface, "00000000", _gateway, _flags, _, _, _, "00000000", ..] => {
+                Some((*iface).to_string())
+            }
+            _ => None,
+        }
+    })
+}
+
+/// Parses `/proc/net/ipv6_route`: the first route to `::/0` on an interface other than `lo`.
+pub fn default_ipv6_interface(table: &str) -> Option<String> {
+    const ANY: &str = "00000000000000000000000000000000";
+    table.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            [dest, "00", .., iface] if *dest == ANY && *iface != "lo" => Some((*iface).to_string()),
+            _ => None,
+        }
+    })
+}
+
+/// Whether a network interface of that name exists in this network namespace.
+pub fn interface_exists(name: &str) -> bool {
+    !name.is_empty() && !name.contains('/') && Path::new("/sys/class/net").join(name).exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_ipv4_default_route() {
+        let table =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+            eth0\t0002000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+            eth1\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n";
+        assert_eq!(default_ipv4_interface(table).as_deref(), Some("eth1"));
+        assert_eq!(default_ipv4_interface("Iface\n"), None);
+        assert_eq!(default_ipv4_interface(""), None);
+    }
+
+    #[test]
+    fn finds_the_ipv6_default_route() {
+        let table = "00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 ffffffff 00000001 00000000 00200200       lo\n\
+            00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 00000400 00000001 00000000 00000003     eth0\n";
+        assert_eq!(default_ipv6_interface(table).as_deref(), Some("eth0"));
+        assert_eq!(default_ipv6_interface("garbage"), None);
+    }
+
+    #[test]
+    fn rejects_odd_interface_names() {
+        assert!(!interface_exists(""));
+        assert!(!interface_exists("../../etc"));
+        assert!(!interface_exists("definitely-not-an-interface0"));
+        assert!(interface_exists("lo"));
+    }
+}

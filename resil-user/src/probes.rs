@@ -1,0 +1,124 @@
+//! Loading resil's BPF programs and attaching them to interfaces. Everything attached is
+//! detached when [`Probes`] is dropped: on shutdown, on a start-up error, on a panic.
+
+use anyhow::{Context as _, Result};
+use aya::{
+    maps::Map,
+    programs::{tc, SchedClassifier, TcAttachType},
+    util::KernelVersion,
+    Ebpf, EbpfLoader,
+};
+use log::LevelFilter;
+
+/// The compiled BPF object, embedded in the binary.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/resil"));
+
+/// TC program names in the object: (program, attach point).
+const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
+    ("resil_tc_ingress", TcAttachType::Ingress),
+    ("resil_tc_egress", TcAttachType::Egress),
+];
+
+/// The loaded programs and everything they are attached to.
+pub struct Probes {
+    ebpf: Ebpf,
+    /// Interfaces where resil added the `clsact` qdisc (kernels without TCX), to remove it.
+    added_qdiscs: Vec<String>,
+}
+
+/// The value of aya-log's `AYA_LOG_LEVEL` global for a log filter: 0 masks every statement.
+fn bpf_log_level(filter: LevelFilter) -> u8 {
+    match filter {
+        LevelFilter::Off => 0,
+        LevelFilter::Error => 1,
+        LevelFilter::Warn => 2,
+        LevelFilter::Info => 3,
+        LevelFilter::Debug => 4,
+        LevelFilter::Trace => 5,
+    }
+}
+
+/// Whether the kernel attaches TC programs with TCX links (6.6 and later), as aya does.
+fn has_tcx() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+impl Probes {
+    /// Loads the programs into the kernel (verifier included). `bpf_log` sets which kernel log
+    /// statements are live; `Off` masks them all at load time.
+    pub fn load(bpf_log: LevelFilter) -> Result<Probes> {
+        let level = bpf_log_level(bpf_log);
+        let mut ebpf = EbpfLoader::new()
+            .override_global("AYA_LOG_LEVEL", &level, true)
+            .load(OBJECT)
+            .context(
+                "cannot load resil's BPF programs (needs root and a kernel with BPF and BTF)",
+            )?;
+        for (name, _) in TC_PROGRAMS {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("the BPF object has no program {name}"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("the kernel rejected the BPF program {name}"))?;
+        }
+        Ok(Probes {
+            ebpf,
+            added_qdiscs: Vec::new(),
+        })
+    }
+
+    /// Attaches the TC ingress and egress observers to `iface` (TCX on kernels ≥ 6.6, else
+    /// the `clsact` qdisc, which is removed again on drop if resil added it).
+    pub fn attach_tc(&mut self, iface: &str) -> Result<()> {
+        if !has_tcx() {
+            match tc::qdisc_add_clsact(iface) {
+                Ok(()) => self.added_qdiscs.push(iface.to_string()),
+                // Already there (someone else's): leave it as found.
+                Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("cannot add the clsact qdisc to {iface}"))
+                }
+            }
+        }
+        for (name, point) in TC_PROGRAMS {
+            let program: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(name)
+                .with_context(|| format!("the BPF object has no program {name}"))?
+                .try_into()?;
+            program
+                .attach(iface, point)
+                .with_context(|| format!("cannot attach {name} to interface {iface}"))?;
+        }
+        Ok(())
+    }
+
+    /// Takes a map out of the object, for the collector to own.
+    pub fn take_map(&mut self, name: &str) -> Result<Map> {
+        self.ebpf
+            .take_map(name)
+            .with_context(|| format!("the BPF object has no map {name}"))
+    }
+
+    /// Starts forwarding kernel log records (aya-log) to the `log` crate.
+    pub fn take_logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        aya_log::EbpfLogger::init(&mut self.ebpf).context("cannot read the BPF log ring buffer")
+    }
+}
+
+impl Drop for Probes {
+    fn drop(&mut self) {
+        // Programs and their links are detached when `ebpf` drops; qdiscs need removing.
+        for iface in &self.added_qdiscs {
+            let status = std::process::Command::new("tc")
+                .args(["qdisc", "del", "dev", iface, "clsact"])
+                .status();
+            if !matches!(status, Ok(s) if s.success()) {
+                log::warn!("could not remove the clsact qdisc resil added to {iface}");
+            }
+        }
+    }
+}
