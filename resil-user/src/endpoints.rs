@@ -151,11 +151,11 @@ mod tests {
 
     fn key(family: u8) -> EndpointKey {
         let mut addr = [0u8; 16];
-        addr[0] = 10;
-        addr[3] = 2;
         if family == FAMILY_IPV6 {
             addr[0] = 0xfd;
             addr[15] = 2;
+        } else {
+            addr[..4].copy_from_slice(&[10, 0, 0, 2]);
         }
         EndpointKey {
             addr,
