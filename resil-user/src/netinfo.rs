@@ -1,6 +1,6 @@
 //! Facts about the host's network: the default-route interface, interface existence.
 
-use std::{fs, path::Path};
+use std::fs;
 
 /// The interface of the IPv4 default route, else of the IPv6 one.
 pub fn default_route_interface() -> Option<String> {
@@ -36,9 +36,10 @@ pub fn default_ipv6_interface(table: &str) -> Option<String> {
     })
 }
 
-/// Whether a network interface of that name exists in this network namespace.
+/// Whether a network interface of that name exists in this process's network namespace
+/// (asked of the kernel, not of /sys, which may show another namespace).
 pub fn interface_exists(name: &str) -> bool {
-    !name.is_empty() && !name.contains('/') && Path::new("/sys/class/net").join(name).exists()
+    !name.is_empty() && nix::net::if_::if_nametoindex(name).is_ok()
 }
 
 #[cfg(test)]

@@ -1,1 +1,515 @@
+//! The test lab: network namespaces joined by a veth pair, real TCP servers and clients in
+//! them, and the real `resil` daemon attached on the client side.
+//!
+//! Every lab has unique names and removes everything it made when dropped, also when the
+//! test fails (panics unwind through `Drop`).
 
+use std::{
+    fs::File,
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use nix::sched::{setns, CloneFlags};
+use resil_user::api::{EndpointStatus, StatusReport};
+
+static LABS: AtomicUsize = AtomicUsize::new(0);
+
+/// Address family of a scenario.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+/// Fails the test with a clear sentence unless it runs as root.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "privileged tests need root (BPF, network namespaces): run `cargo xtask test` as root"
+    );
+}
+
+/// Runs `command`, failing with its stderr if it does not succeed.
+pub fn sh(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `f` on a thread that has entered the network namespace `netns`.
+pub fn in_netns<R: Send>(netns: &str, f: impl FnOnce() -> R + Send) -> R {
+    let path = format!("/run/netns/{netns}");
+    thread::scope(|s| {
+        s.spawn(|| {
+            let ns = File::open(&path).unwrap_or_else(|e| panic!("cannot open {path}: {e}"));
+            setns(ns, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
+            f()
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    })
+}
+
+/// Two network namespaces, `client` and `server`, joined by a veth pair with IPv4 and IPv6.
+pub struct Lab {
+    pub client_ns: String,
+    pub server_ns: String,
+    /// The client side's veth, where resil attaches.
+    pub client_if: String,
+    pub server_if: String,
+    /// A private scratch directory (socket, config), removed on drop.
+    pub dir: PathBuf,
+}
+
+impl Lab {
+    pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
+    pub const SERVER_V4: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
+    pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 1);
+    pub const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 2);
+
+    /// Builds a fresh lab. `tag` (a few letters) makes names readable in `ip netns`.
+    pub fn new(tag: &str) -> Result<Lab> {
+        require_root();
+        let n = LABS.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{}{}", std::process::id() % 100_000, n);
+        let lab = Lab {
+            client_ns: format!("resil-{tag}-{id}-c"),
+            server_ns: format!("resil-{tag}-{id}-s"),
+            client_if: format!("rc{id}"),
+            server_if: format!("rs{id}"),
+            dir: std::env::temp_dir().join(format!("resil-lab-{tag}-{id}")),
+        };
+        // From here on, Drop cleans up whatever part was made.
+        std::fs::create_dir_all(&lab.dir)?;
+        sh("ip", &["netns", "add", &lab.client_ns])?;
+        sh("ip", &["netns", "add", &lab.server_ns])?;
+        sh(
+            "ip",
+            &[
+                "link",
+                "add",
+                &lab.client_if,
+                "netns",
+                &lab.client_ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &lab.server_if,
+                "netns",
+                &lab.server_ns,
+            ],
+        )?;
+        for (ns, ifname, v4, v6) in [
+            (
+                &lab.client_ns,
+                &lab.client_if,
+                Self::CLIENT_V4,
+                Self::CLIENT_V6,
+            ),
+            (
+                &lab.server_ns,
+                &lab.server_if,
+                Self::SERVER_V4,
+                Self::SERVER_V6,
+            ),
+        ] {
+            sh(
+                "ip",
+                &["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", ifname],
+            )?;
+            sh(
+                "ip",
+                &[
+                    "-n",
+                    ns,
+                    "addr",
+                    "add",
+                    &format!("{v6}/64"),
+                    "dev",
+                    ifname,
+                    "nodad",
+                ],
+            )?;
+            sh("ip", &["-n", ns, "link", "set", ifname, "up"])?;
+            sh("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(lab)
+    }
+
+    /// The server's address of a family.
+    pub fn server_ip(&self, family: Family) -> IpAddr {
+        match family {
+            Family::V4 => IpAddr::V4(Self::SERVER_V4),
+            Family::V6 => IpAddr::V6(Self::SERVER_V6),
+        }
+    }
+
+    /// The status key of the server's `port`, as `resil status` prints it.
+    pub fn server_endpoint(&self, family: Family, port: u16) -> String {
+        SocketAddr::new(self.server_ip(family), port).to_string()
+    }
+
+    /// Runs `f` inside the client namespace.
+    pub fn client<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        in_netns(&self.client_ns, f)
+    }
+
+    /// Runs `nft` with `script` inside the server namespace.
+    pub fn server_nft(&self, script: &str) -> Result<()> {
+        let path = self.dir.join("rules.nft");
+        std::fs::write(&path, script)?;
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.server_ns,
+                "nft",
+                "-f",
+                &path.to_string_lossy(),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Starts a TCP server on `port` (both families) in the server namespace.
+    pub fn serve(&self, port: u16, mode: ServeMode) -> Result<Server> {
+        Server::start(&self.server_ns, port, mode)
+    }
+
+    /// Starts the real `resil daemon` in the client namespace, attached to the client veth,
+    /// and waits until it answers.
+    pub fn daemon(&self) -> Result<Daemon> {
+        self.daemon_with_config("")
+    }
+
+    /// Like [`Lab::daemon`] with the given configuration file text.
+    pub fn daemon_with_config(&self, config: &str) -> Result<Daemon> {
+        Daemon::start(self, config)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its end of the veth, and with it the peer.
+        let _ = sh("ip", &["netns", "del", &self.client_ns]);
+        let _ = sh("ip", &["netns", "del", &self.server_ns]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// How a test server treats accepted connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServeMode {
+    /// Read until the client closes, then close.
+    Echo,
+    /// Reset every connection right after accepting it (SO_LINGER 0).
+    ResetOnAccept,
+}
+
+/// A TCP server on a thread inside a namespace; stops when dropped.
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(netns: &str, port: u16, mode: ServeMode) -> Result<Server> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let path = format!("/run/netns/{netns}");
+        let flag = Arc::clone(&stop);
+        let thread = thread::spawn(move || {
+            let bound = (|| -> Result<Vec<TcpListener>> {
+                setns(File::open(&path)?, CloneFlags::CLONE_NEWNET)?;
+                let v4 = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
+                let v6 = bind_v6_only(port)?;
+                for l in [&v4, &v6] {
+                    l.set_nonblocking(true)?;
+                }
+                Ok(vec![v4, v6])
+            })();
+            let listeners = match bound {
+                Ok(l) => {
+                    let _ = ready_tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            while !flag.load(Ordering::Relaxed) {
+                let mut idle = true;
+                for listener in &listeners {
+                    if let Ok((stream, _)) = listener.accept() {
+                        idle = false;
+                        handle(stream, mode);
+                    }
+                }
+                if idle {
+                    thread::sleep(Duration::from_millis(2));
+                }
+            }
+        });
+        ready_rx
+            .recv()
+            .context("the server thread died")?
+            .context("cannot start the test server")?;
+        Ok(Server {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+fn bind_v6_only(port: u16) -> Result<TcpListener> {
+    use nix::sys::socket::{
+        bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+        SockaddrIn6,
+    };
+    let fd = socket(
+        AddressFamily::Inet6,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    let addr = SockaddrIn6::from(std::net::SocketAddrV6::new(
+        Ipv6Addr::UNSPECIFIED,
+        port,
+        0,
+        0,
+    ));
+    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)?;
+    listen(&fd, Backlog::new(128)?)?;
+    Ok(TcpListener::from(fd))
+}
+
+/// Makes closing `stream` send a RST instead of a FIN.
+pub fn reset_on_close(stream: &TcpStream) {
+    let linger = nix::libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    nix::sys::socket::setsockopt(stream, nix::sys::socket::sockopt::Linger, &linger)
+        .expect("SO_LINGER");
+}
+
+fn handle(stream: TcpStream, mode: ServeMode) {
+    match mode {
+        ServeMode::ResetOnAccept => {
+            reset_on_close(&stream);
+            drop(stream);
+        }
+        ServeMode::Echo => {
+            thread::spawn(move || {
+                let mut stream = stream;
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The `resil` binary built by `cargo xtask build` (or `RESIL_BIN`).
+pub fn resil_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("RESIL_BIN") {
+        return PathBuf::from(path);
+    }
+    // target/<profile>/deps/<test-binary> → target/<profile>/resil
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = profile_dir.join("resil");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (`cargo xtask test` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A running `resil daemon`; stopped with SIGTERM (then SIGKILL) when dropped.
+pub struct Daemon {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(lab: &Lab, config: &str) -> Result<Daemon> {
+        let socket = lab.dir.join("resil.sock");
+        let config_path = lab.dir.join("resil.toml");
+        std::fs::write(&config_path, config)?;
+        let log = lab.dir.join(format!(
+            "daemon-{}.log",
+            LABS.fetch_add(1, Ordering::SeqCst)
+        ));
+        let netns = format!("--net=/run/netns/{}", lab.client_ns);
+        let log_file = File::create(&log)?;
+        let child = Command::new("nsenter")
+            .arg(&netns)
+            .arg(resil_bin())
+            .args(["daemon", "--iface", &lab.client_if, "--socket"])
+            .arg(&socket)
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .context("cannot start resil daemon")?;
+        let mut daemon = Daemon {
+            child: Some(child),
+            socket,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if daemon.try_status().is_ok() {
+                return Ok(daemon);
+            }
+            if let Some(status) = daemon
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("resil daemon exited with {status}: {}", daemon.log_text());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "resil daemon did not answer within 30 s: {}",
+                    daemon.log_text()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs `resil ARGS --socket SOCK` and returns its output.
+    pub fn cli(&self, args: &[&str]) -> Result<std::process::Output> {
+        Command::new(resil_bin())
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .output()
+            .context("cannot run resil")
+    }
+
+    fn try_status(&self) -> Result<StatusReport> {
+        let out = self.cli(&["status", "-o", "json"])?;
+        if !out.status.success() {
+            bail!(
+                "resil status failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// `resil status -o json`, parsed.
+    pub fn status(&self) -> StatusReport {
+        self.try_status()
+            .unwrap_or_else(|e| panic!("{e:#}\ndaemon log:\n{}", self.log_text()))
+    }
+
+    /// Polls status until `done` holds for `endpoint` (up to `within`), then returns the
+    /// endpoint's figures either way, so the test's own assertions report what was seen.
+    pub fn wait_for(
+        &self,
+        endpoint: &str,
+        within: Duration,
+        done: impl Fn(&EndpointStatus) -> bool,
+    ) -> EndpointStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            let found = self
+                .status()
+                .endpoints
+                .into_iter()
+                .find(|e| e.endpoint == endpoint);
+            match found {
+                Some(e) if done(&e) || Instant::now() > deadline => return e,
+                None if Instant::now() > deadline => panic!(
+                    "{endpoint} never appeared in resil status\ndaemon log:\n{}",
+                    self.log_text()
+                ),
+                _ => thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn stop(mut self) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("already stopped")?;
+        terminate(&mut child)
+    }
+}
+
+fn terminate(child: &mut Child) -> Result<std::process::ExitStatus> {
+    use nix::{sys::signal, unistd::Pid};
+    let pid = Pid::from_raw(child.id() as i32);
+    let _ = signal::kill(pid, signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let status = child.wait()?;
+            bail!("resil daemon ignored SIGTERM for 10 s (killed: {status})");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = terminate(&mut child);
+        }
+    }
+}
