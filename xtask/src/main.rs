@@ -1,1 +1,123 @@
-fn main() {}
+//! Developer and CI automation: `cargo xtask setup | build | run | test | lint`.
+
+mod setup;
+
+use std::{
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "resil's developer and CI tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what a fresh machine lacks: rust-src, bpf-linker, bpffs, Debian packages.
+    Setup,
+    /// Build the BPF programs and the `resil` binary.
+    Build {
+        /// Optimised build.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, build (release) and start `resil daemon` with ARGS (Ctrl-C stops it).
+    Run {
+        /// Arguments for `resil daemon`, after `--`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build and run every test, unit and privileged.
+    Test {
+        /// Only tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// cargo fmt --check and cargo clippy on the host crates.
+    Lint,
+}
+
+fn main() {
+    if let Err(error) = run(Cli::parse()) {
+        eprintln!("xtask: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match cli.task {
+        Task::Setup => setup::run(),
+        Task::Build { release } => {
+            setup::run()?;
+            build(release)
+        }
+        Task::Run { args } => {
+            setup::run()?;
+            build(true)?;
+            let bin = root.join("target/release/resil");
+            eprintln!(
+                "xtask: starting {} daemon {}",
+                bin.display(),
+                args.join(" ")
+            );
+            // Become the daemon, so Ctrl-C reaches it directly and it detaches cleanly.
+            let error = Command::new(&bin).arg("daemon").args(&args).exec();
+            Err(error).with_context(|| format!("cannot start {}", bin.display()))
+        }
+        Task::Test { filter } => {
+            setup::run()?;
+            build(false)?;
+            let mut cmd = cargo();
+            cmd.args(["test", "--no-fail-fast"])
+                .env("RESIL_BIN", root.join("target/debug/resil"));
+            if let Some(filter) = filter {
+                cmd.arg(filter);
+            }
+            check(&mut cmd)
+        }
+        Task::Lint => {
+            check(cargo().args(["fmt", "--all", "--", "--check"]))?;
+            check(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// `cargo` from the toolchain running xtask (stable), never a rustup override.
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn build(release: bool) -> Result<()> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--package", "resil-user", "--bin", "resil"]);
+    if release {
+        cmd.arg("--release");
+    }
+    check(&mut cmd)
+}
+
+/// Runs a command, failing with its name if it does not succeed.
+pub fn check(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
