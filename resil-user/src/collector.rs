@@ -15,7 +15,7 @@ pub struct Collector {
 }
 
 /// Sums per-CPU endpoint counters.
-fn sum(values: &[EndpointStats]) -> EndpointStats {
+pub fn sum(values: &[EndpointStats]) -> EndpointStats {
     let mut total = EndpointStats::ZERO;
     for v in values {
         total.attempts += v.attempts;
@@ -64,11 +64,9 @@ impl Collector {
 
     /// Calls `f` with every endpoint's counters summed across CPUs.
     pub fn each_endpoint(&self, mut f: impl FnMut(EndpointKey, &EndpointStats)) {
-        for item in self.endpoints.iter() {
-            // An entry evicted between listing and reading is simply skipped this tick.
-            if let Ok((key, values)) = item {
-                f(key, &sum(&values));
-            }
+        // An entry evicted between listing and reading is simply skipped this tick.
+        for (key, values) in self.endpoints.iter().flatten() {
+            f(key, &sum(&values));
         }
     }
 

@@ -223,8 +223,9 @@ impl Drop for Lab {
 pub enum ServeMode {
     /// Read until the client closes, then close.
     Echo,
-    /// Reset every connection right after accepting it (SO_LINGER 0).
-    ResetOnAccept,
+    /// Reset every connection (SO_LINGER 0) once the client's first bytes arrive, before
+    /// answering anything.
+    ResetOnRequest,
 }
 
 /// A TCP server on a thread inside a namespace; stops when dropped.
@@ -318,25 +319,24 @@ pub fn reset_on_close(stream: &TcpStream) {
 }
 
 fn handle(stream: TcpStream, mode: ServeMode) {
-    match mode {
-        ServeMode::ResetOnAccept => {
-            reset_on_close(&stream);
-            drop(stream);
+    thread::spawn(move || {
+        let mut stream = stream;
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stream.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            if mode == ServeMode::ResetOnRequest {
+                reset_on_close(&stream);
+                break;
+            }
+            if stream.write_all(&buf[..n]).is_err() {
+                break;
+            }
         }
-        ServeMode::Echo => {
-            thread::spawn(move || {
-                let mut stream = stream;
-                let _ = stream.set_nonblocking(false);
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = stream.read(&mut buf) {
-                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    }
+    });
 }
 
 impl Drop for Server {

@@ -135,18 +135,20 @@ fn counts_timeouts_for_a_blackholed_peer_ipv6() {
 fn resets(family: Family) {
     const N: u64 = 5;
     let lab = Lab::new("rs").unwrap();
-    let _resetting = lab.serve(8081, ServeMode::ResetOnAccept).unwrap();
+    let _resetting = lab.serve(8081, ServeMode::ResetOnRequest).unwrap();
     let _echo = lab.serve(8082, ServeMode::Echo).unwrap();
     let daemon = lab.daemon().unwrap();
     let resetting = SocketAddr::new(lab.server_ip(family), 8081);
     let echo = SocketAddr::new(lab.server_ip(family), 8082);
     lab.client(|| {
         for _ in 0..N {
-            // The server resets: wait until our read sees it.
+            // The server resets when our request arrives: wait until our read sees it.
             let mut s = connect(resetting, Duration::from_secs(5)).expect("connect");
+            s.write_all(b"request").unwrap();
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             let mut buf = [0u8; 16];
-            let _ = std::io::Read::read(&mut s, &mut buf);
+            let err = std::io::Read::read(&mut s, &mut buf).expect_err("reset");
+            assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
             // We reset: linger 0 and close.
             let s = connect(echo, Duration::from_secs(5)).expect("connect");
             reset_on_close(&s);

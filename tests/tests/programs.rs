@@ -7,7 +7,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use resil_common::{
-    maps::{ConnKey, ConnState, EndpointKey, EndpointStats, HandshakeEvent, HandshakeKind, Phase},
+    maps::{ConnKey, ConnState, EndpointKey, EndpointStats, HandshakeKind, Phase},
     packet::{
         build::{icmp_unreachable_frame, tcp_frame, tcp_packet, Addr},
         tcp_flags::{ACK, RST, SYN},
@@ -66,18 +66,7 @@ fn endpoints(ebpf: &Ebpf) -> Vec<(EndpointKey, EndpointStats)> {
     map.iter()
         .map(|item| {
             let (key, values) = item.unwrap();
-            let mut total = EndpointStats::ZERO;
-            for v in values.iter() {
-                total.attempts += v.attempts;
-                total.established += v.established;
-                total.refused += v.refused;
-                total.unreachable += v.unreachable;
-                total.resets_in += v.resets_in;
-                for (t, b) in total.latency.iter_mut().zip(v.latency) {
-                    *t += b;
-                }
-            }
-            (key, total)
+            (key, resil_user::collector::sum(&values))
         })
         .collect()
 }

@@ -93,8 +93,10 @@ impl Sim {
 
 #[test]
 fn outbound_handshake_measures_latency() {
-    let mut sim = Sim::default();
-    sim.now = 1_000;
+    let mut sim = Sim {
+        now: 1_000,
+        ..Sim::default()
+    };
     sim.packet(Way::Egress, SYN, 100, 0);
     sim.now = 51_000;
     let e = sim.packet(Way::Ingress, SYN | ACK, 500, 0);
@@ -181,9 +183,11 @@ fn data_retransmissions_both_ways_with_wraparound() {
 
 #[test]
 fn inbound_connections_count_for_the_local_service() {
-    let mut sim = Sim::default();
     // A client 10.0.0.2:80 connects to our port 40000: reuse the tuple, reversed roles.
-    sim.now = 10;
+    let mut sim = Sim {
+        now: 10,
+        ..Sim::default()
+    };
     sim.packet(Way::Ingress, SYN, 9, 0);
     sim.packet(Way::Egress, SYN | ACK, 77, 0);
     sim.now = 110;
