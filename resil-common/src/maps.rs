@@ -119,6 +119,9 @@ pub struct ConnState {
 pub mod conn_flags {
     /// The peer has sent payload on this connection.
     pub const PEER_DATA: u8 = 1;
+    /// An ICMP unreachable for this handshake was already counted (the kernel may retry the
+    /// SYN after a soft error and draw another one).
+    pub const UNREACHABLE_SEEN: u8 = 2;
 }
 
 /// A remote endpoint (outbound) or a local service (inbound).

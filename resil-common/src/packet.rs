@@ -41,6 +41,7 @@ const PROTO_ICMP: u8 = 1;
 const PROTO_ICMPV6: u8 = 58;
 const ICMP_DEST_UNREACHABLE: u8 = 3;
 const ICMPV6_DEST_UNREACHABLE: u8 = 1;
+const ICMP_FRAGMENTATION_NEEDED: u8 = 4;
 /// IPv6 extension headers skipped before the transport header, at most.
 const MAX_IPV6_EXTENSIONS: usize = 4;
 
@@ -264,10 +265,14 @@ fn parse_icmp_unreachable<P: PacketBytes + ?Sized>(
     net: &Network,
     unreachable_type: u8,
 ) -> Parsed {
-    let Some(icmp) = packet.read::<1>(net.l4_offset) else {
+    let Some(icmp) = packet.read::<2>(net.l4_offset) else {
         return Parsed::Malformed;
     };
     if icmp[0] != unreachable_type {
+        return Parsed::Other;
+    }
+    // IPv4 "fragmentation needed" is path MTU discovery, not an unreachable destination.
+    if net.family == FAMILY_IPV4 && icmp[1] == ICMP_FRAGMENTATION_NEEDED {
         return Parsed::Other;
     }
     // The quoted packet follows the 8-byte ICMP header.
@@ -367,6 +372,14 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn path_mtu_messages_are_not_unreachable() {
+        let quoted = tcp_packet(Addr::V4(A4), Addr::V4(B4), 1, 2, 3, 0, tcp_flags::ACK, 0);
+        let mut frame = icmp_unreachable_frame(Addr::V4(B4), Addr::V4(A4), &quoted);
+        frame[14 + 20 + 1] = 4;
+        assert_eq!(parse_ethernet(frame.as_slice()), Parsed::Other);
     }
 
     #[test]

@@ -290,20 +290,30 @@ fn on_reset(conn: &ConnState, direction: Direction, way: Way) -> Effects {
 }
 
 /// An ICMP destination-unreachable quoting a packet of a connection whose state is `conn`.
+/// A handshake counts it once: the kernel aborts the connect() on a hard error, but after a
+/// soft one (socket busy) it retransmits the SYN and may draw another.
 #[inline(always)]
 pub fn on_unreachable(conn: Option<&ConnState>) -> Effects {
     let Some(conn) = conn else {
         return Effects::NOTHING;
     };
     let direction = Direction::from_u8(conn.direction);
-    if conn.phase == Phase::SynSent as u8 {
-        // The kernel aborts a connect() on a hard ICMP error.
-        Effects {
-            event: Some(HandshakeKind::Unreachable),
-            ..Effects::counting(count::UNREACHABLE, direction, Update::Delete)
-        }
-    } else {
-        Effects::counting(count::UNREACHABLE, direction, Update::Keep)
+    if conn.phase != Phase::SynSent as u8 {
+        return Effects::counting(count::UNREACHABLE, direction, Update::Keep);
+    }
+    if conn.flags & conn_flags::UNREACHABLE_SEEN != 0 {
+        return Effects::NOTHING;
+    }
+    Effects {
+        event: Some(HandshakeKind::Unreachable),
+        ..Effects::counting(
+            count::UNREACHABLE,
+            direction,
+            Update::Write(ConnState {
+                flags: conn.flags | conn_flags::UNREACHABLE_SEEN,
+                ..*conn
+            }),
+        )
     }
 }
 

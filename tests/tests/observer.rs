@@ -182,3 +182,40 @@ fn counts_resets_both_ways_ipv4() {
 fn counts_resets_both_ways_ipv6() {
     resets(Family::V6);
 }
+
+fn unreachable_host(family: Family) {
+    const N: u64 = 3;
+    let lab = Lab::new("ur").unwrap();
+    // The server's side answers SYNs to port 6666 with ICMP host unreachable, as a router
+    // would for a host that is gone.
+    lab.server_nft(
+        "table inet resil_test {\n\
+           chain input { type filter hook input priority 0; policy accept;\n\
+             tcp dport 6666 reject with icmpx type host-unreachable\n\
+           }\n\
+         }\n",
+    )
+    .unwrap();
+    let daemon = lab.daemon().unwrap();
+    let addr = SocketAddr::new(lab.server_ip(family), 6666);
+    lab.client(|| {
+        for _ in 0..N {
+            connect(addr, Duration::from_secs(5)).expect_err("unreachable");
+        }
+    });
+    let e = daemon.wait_for(&lab.server_endpoint(family, 6666), SETTLE, |e| {
+        e.unreachable >= N
+    });
+    assert_eq!((e.attempts, e.unreachable), (N, N), "{e:?}");
+    assert_eq!((e.established, e.refused, e.timeouts), (0, 0, 0), "{e:?}");
+}
+
+#[test]
+fn counts_icmp_unreachable_ipv4() {
+    unreachable_host(Family::V4);
+}
+
+#[test]
+fn counts_icmp_unreachable_ipv6() {
+    unreachable_host(Family::V6);
+}

@@ -3,9 +3,10 @@
 mod setup;
 
 use std::{
+    io::{BufRead, BufReader},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -81,7 +82,7 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(filter) = filter {
                 cmd.arg(filter);
             }
-            check(&mut cmd)
+            test(&mut cmd)
         }
         Task::Lint => {
             check(cargo().args(["fmt", "--all", "--", "--check"]))?;
@@ -109,6 +110,41 @@ fn build(release: bool) -> Result<()> {
         cmd.arg("--release");
     }
     check(&mut cmd)
+}
+
+/// Runs `cargo test`, passing its output through, and closes with one line that adds up every
+/// test binary's `test result:` line.
+fn test(cmd: &mut Command) -> Result<()> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            for part in result.split(['.', ';']) {
+                let mut words = part.split_whitespace();
+                if let (Some(n), Some(what)) = (words.next(), words.next()) {
+                    let n: u64 = n.parse().unwrap_or(0);
+                    match what {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        "ignored" => ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    Ok(())
 }
 
 /// Runs a command, failing with its name if it does not succeed.

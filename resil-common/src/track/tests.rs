@@ -221,7 +221,7 @@ fn unknown_connections_are_ignored() {
 }
 
 #[test]
-fn unreachable_aborts_a_handshake() {
+fn unreachable_counts_once_per_handshake() {
     let mut sim = Sim::default();
     sim.packet(Way::Egress, SYN, 100, 0);
     let key = conn_key(&seg(Way::Egress, SYN, 100, 0), Way::Egress);
@@ -229,7 +229,13 @@ fn unreachable_aborts_a_handshake() {
     sim.apply(key, e);
     assert_eq!(sim.outbound().unreachable, 1);
     assert_eq!(*sim.events.last().unwrap(), HandshakeKind::Unreachable);
-    assert!(sim.conns.is_empty());
+    // A soft error: the kernel retries the SYN and draws a second ICMP for the same attempt.
+    sim.packet(Way::Egress, SYN, 100, 0);
+    let e = on_unreachable(sim.conns.get(&key));
+    sim.apply(key, e);
+    let s = sim.outbound();
+    assert_eq!((s.attempts, s.syn_retransmits, s.unreachable), (1, 1, 1));
+    assert_eq!(sim.events.len(), 2, "one Started, one Unreachable");
 }
 
 #[test]
