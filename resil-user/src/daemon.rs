@@ -68,6 +68,11 @@ fn resolve_interfaces(asked: &[String]) -> Result<Vec<String>> {
         if !netinfo::interface_exists(iface) {
             return Err(usage(format!("interface {iface} not found")));
         }
+        if !netinfo::has_ethernet_frames(iface) {
+            return Err(usage(format!(
+                "interface {iface} does not carry Ethernet frames (tun, WireGuard …); resil observes Ethernet and loopback interfaces"
+            )));
+        }
     }
     Ok(interfaces)
 }
@@ -100,6 +105,7 @@ impl Agent {
             self.endpoints
                 .record(conn.endpoint(Direction::Outbound), Outcome::Timeout);
         }
+        self.endpoints.end_tick();
         for (slot, grew) in collector.health_increases() {
             match slot {
                 Health::ConnInsertFailed => warn!(

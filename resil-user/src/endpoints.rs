@@ -2,7 +2,8 @@
 //!
 //! The kernel's endpoint map is an LRU: an idle endpoint can be evicted and come back with its
 //! counters at zero. The table notices a counter going down and keeps counting from its total,
-//! so nothing already seen is lost.
+//! so nothing already seen is lost. The table itself is bounded: past its capacity the
+//! endpoints idle the longest are forgotten.
 
 use std::{
     collections::HashMap,
@@ -28,12 +29,25 @@ struct Endpoint {
     last: EndpointStats,
     /// Handshakes that got no answer within the connect timeout.
     timeouts: u64,
+    /// The table's tick when anything about this endpoint last changed.
+    last_change: u64,
 }
 
-/// All endpoints the daemon has seen.
-#[derive(Debug, Default)]
+/// Endpoints the daemon keeps figures for, at most, by default.
+pub const DEFAULT_CAPACITY: usize = 65_536;
+
+/// All endpoints the daemon has seen (up to its capacity).
+#[derive(Debug)]
 pub struct EndpointTable {
     endpoints: HashMap<EndpointKey, Endpoint>,
+    capacity: usize,
+    tick: u64,
+}
+
+impl Default for EndpointTable {
+    fn default() -> Self {
+        Self::with_capacity(DEFAULT_CAPACITY)
+    }
 }
 
 fn add_delta(total: &mut u64, last: u64, now: u64) {
@@ -42,6 +56,35 @@ fn add_delta(total: &mut u64, last: u64, now: u64) {
 }
 
 impl EndpointTable {
+    /// A table that keeps at most `capacity` endpoints.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            endpoints: HashMap::new(),
+            capacity: capacity.max(1),
+            tick: 0,
+        }
+    }
+
+    /// Ends a tick: past capacity, forgets the endpoints idle the longest (a tenth of the
+    /// capacity at once, so this runs rarely).
+    pub fn end_tick(&mut self) {
+        self.tick += 1;
+        if self.endpoints.len() <= self.capacity {
+            return;
+        }
+        let keep = self.capacity - self.capacity / 10;
+        let mut ages: Vec<(u64, EndpointKey)> = self
+            .endpoints
+            .iter()
+            .map(|(k, e)| (e.last_change, *k))
+            .collect();
+        let drop = ages.len() - keep;
+        ages.select_nth_unstable(drop - 1);
+        for (_, key) in &ages[..drop] {
+            self.endpoints.remove(key);
+        }
+    }
+
     /// Number of endpoints known.
     pub fn len(&self) -> usize {
         self.endpoints.len()
@@ -54,7 +97,11 @@ impl EndpointTable {
 
     /// Takes in the kernel's current (per-CPU summed) counters for one endpoint.
     pub fn absorb(&mut self, key: EndpointKey, now: &EndpointStats) {
+        let tick = self.tick;
         let e = self.endpoints.entry(key).or_default();
+        if e.last != *now {
+            e.last_change = tick;
+        }
         let (t, l) = (&mut e.total, &e.last);
         add_delta(&mut t.attempts, l.attempts, now.attempts);
         add_delta(&mut t.established, l.established, now.established);
@@ -77,7 +124,9 @@ impl EndpointTable {
     /// Records how a handshake to an endpoint ended (only timeouts are not in kernel counters).
     pub fn record(&mut self, key: EndpointKey, outcome: Outcome) {
         if outcome == Outcome::Timeout {
-            self.endpoints.entry(key).or_default().timeouts += 1;
+            let e = self.endpoints.entry(key).or_default();
+            e.timeouts += 1;
+            e.last_change = self.tick;
         }
     }
 
@@ -186,6 +235,38 @@ mod tests {
         raw.attempts = 2;
         table.absorb(k, &raw);
         assert_eq!(table.status()[0].attempts, 9);
+    }
+
+    #[test]
+    fn capacity_forgets_the_longest_idle() {
+        let mut table = EndpointTable::with_capacity(10);
+        let key = |port: u16| EndpointKey {
+            port,
+            ..EndpointKey::default()
+        };
+        let busy = EndpointStats {
+            attempts: 1,
+            ..EndpointStats::ZERO
+        };
+        for port in 0..10 {
+            table.absorb(key(port), &busy);
+            table.end_tick();
+        }
+        assert_eq!(table.len(), 10);
+        // Endpoint 0 stays busy; 11 arrives and pushes the table over.
+        table.absorb(
+            key(0),
+            &EndpointStats {
+                attempts: 2,
+                ..busy
+            },
+        );
+        table.absorb(key(11), &busy);
+        table.end_tick();
+        assert_eq!(table.len(), 9);
+        let ports: Vec<u16> = table.endpoints.keys().map(|k| k.port).collect();
+        assert!(ports.contains(&0) && ports.contains(&11), "{ports:?}");
+        assert!(!ports.contains(&1) && !ports.contains(&2), "{ports:?}");
     }
 
     #[test]

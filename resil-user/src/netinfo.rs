@@ -42,6 +42,39 @@ pub fn interface_exists(name: &str) -> bool {
     !name.is_empty() && nix::net::if_::if_nametoindex(name).is_ok()
 }
 
+/// Link types whose frames start with an Ethernet header, which is what the programs parse.
+const ARPHRD_ETHER: u16 = 1;
+const ARPHRD_LOOPBACK: u16 = 772;
+
+/// The interface's link type (`ARPHRD_*`), asked of the kernel in this network namespace.
+pub fn link_type(name: &str) -> std::io::Result<u16> {
+    use nix::libc;
+    use std::os::fd::AsRawFd;
+    let bytes = name.as_bytes();
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    if bytes.len() >= request.ifr_name.len() {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    }
+    for (dst, src) in request.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
+    // SAFETY: SIOCGIFHWADDR reads the name and writes the hardware address into `request`.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFHWADDR, &mut request) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel filled the hardware-address member of the union.
+    Ok(unsafe { request.ifr_ifru.ifru_hwaddr.sa_family })
+}
+
+/// Whether the programs can parse this interface's frames (Ethernet or loopback).
+pub fn has_ethernet_frames(name: &str) -> bool {
+    matches!(link_type(name), Ok(ARPHRD_ETHER | ARPHRD_LOOPBACK))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,5 +104,13 @@ mod tests {
         assert!(!interface_exists("../../etc"));
         assert!(!interface_exists("definitely-not-an-interface0"));
         assert!(interface_exists("lo"));
+    }
+
+    #[test]
+    fn loopback_has_ethernet_frames() {
+        assert_eq!(link_type("lo").unwrap(), ARPHRD_LOOPBACK);
+        assert!(has_ethernet_frames("lo"));
+        assert!(link_type("no-such-if0").is_err());
+        assert!(link_type("a-name-far-too-long-for-linux").is_err());
     }
 }

@@ -141,3 +141,35 @@ fn non_root_users_get_one_clear_sentence() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("must run as root"), "{err}");
 }
+
+#[test]
+fn refuses_interfaces_without_ethernet_frames() {
+    let lab = Lab::new("tn").unwrap();
+    sh(
+        "ip",
+        &[
+            "-n",
+            &lab.client_ns,
+            "tuntap",
+            "add",
+            "dev",
+            "rtun0",
+            "mode",
+            "tun",
+        ],
+    )
+    .unwrap();
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.client_ns))
+        .arg(resil_bin())
+        .args(["daemon", "--iface", "rtun0", "--socket"])
+        .arg(lab.dir.join("tun.sock"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("rtun0 does not carry Ethernet frames"),
+        "{err}"
+    );
+}
