@@ -1,7 +1,8 @@
 //! The per-connection tracking step: given a connection's state and one packet, what changes
 //! and what to count. Pure, so the kernel runs it per packet and the host unit-tests it.
 
-use crate::maps::{conn_flags, ConnKey, ConnState, Direction, HandshakeKind, Phase};
+use crate::histogram::bucket_for_us;
+use crate::maps::{conn_flags, ConnKey, ConnState, Direction, EndpointStats, HandshakeKind, Phase};
 use crate::packet::{tcp_flags, QuotedFlow, TcpSegment};
 
 /// Which way a packet crossed the interface.
@@ -66,6 +67,27 @@ impl Effects {
             direction,
             update,
             ..Self::NOTHING
+        }
+    }
+}
+
+/// Adds what `effects` counts to an endpoint's counters (the kernel does this on its per-CPU
+/// copy).
+#[inline(always)]
+pub fn count_into(stats: &mut EndpointStats, effects: &Effects) {
+    let c = effects.counters;
+    stats.attempts += (c & count::ATTEMPT != 0) as u64;
+    stats.refused += (c & count::REFUSED != 0) as u64;
+    stats.resets_in += (c & count::RESET_IN != 0) as u64;
+    stats.resets_out += (c & count::RESET_OUT != 0) as u64;
+    stats.syn_retransmits += (c & count::SYN_RETRANSMIT != 0) as u64;
+    stats.retransmits += (c & count::RETRANSMIT != 0) as u64;
+    stats.unreachable += (c & count::UNREACHABLE != 0) as u64;
+    if c & count::ESTABLISHED != 0 {
+        stats.established += 1;
+        let bucket = bucket_for_us(effects.latency_ns / 1_000);
+        if let Some(slot) = stats.latency.get_mut(bucket) {
+            *slot += 1;
         }
     }
 }

@@ -13,13 +13,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use resil_common::{
-    histogram::bucket_for_us,
     maps::{
         ConnKey, ConnState, EndpointStats, HandshakeEvent, Health, HANDSHAKE_RING_BYTES,
         HEALTH_SLOTS, MAX_CONNECTIONS, MAX_ENDPOINTS,
     },
     packet::{parse_ethernet, PacketBytes, Parsed},
-    track::{self, count, Effects, Update, Way},
+    track::{self, Effects, Update, Way},
 };
 
 #[map]
@@ -137,22 +136,7 @@ fn count_for_endpoint(ctx: &TcContext, key: &ConnKey, effects: &Effects) {
         return;
     };
     // SAFETY: per-CPU value of this CPU; no other writer.
-    let stats = unsafe { &mut *stats };
-    let c = effects.counters;
-    stats.attempts += (c & count::ATTEMPT != 0) as u64;
-    stats.refused += (c & count::REFUSED != 0) as u64;
-    stats.resets_in += (c & count::RESET_IN != 0) as u64;
-    stats.resets_out += (c & count::RESET_OUT != 0) as u64;
-    stats.syn_retransmits += (c & count::SYN_RETRANSMIT != 0) as u64;
-    stats.retransmits += (c & count::RETRANSMIT != 0) as u64;
-    stats.unreachable += (c & count::UNREACHABLE != 0) as u64;
-    if c & count::ESTABLISHED != 0 {
-        stats.established += 1;
-        let bucket = bucket_for_us(effects.latency_ns / 1_000);
-        if let Some(slot) = stats.latency.get_mut(bucket) {
-            *slot += 1;
-        }
-    }
+    track::count_into(unsafe { &mut *stats }, effects);
 }
 
 #[inline(always)]

@@ -174,8 +174,12 @@ impl Lab {
         in_netns(&self.client_ns, f)
     }
 
-    /// Runs `nft` with `script` inside the server namespace.
-    pub fn server_nft(&self, script: &str) -> Result<()> {
+    /// Adds one nftables rule to the server namespace's input path, for example
+    /// `tcp dport 7777 drop`.
+    pub fn server_input_rule(&self, rule: &str) -> Result<()> {
+        let script = format!(
+            "table inet resil_test {{\n  chain input {{ type filter hook input priority 0; policy accept;\n    {rule}\n  }}\n}}\n"
+        );
         let path = self.dir.join("rules.nft");
         std::fs::write(&path, script)?;
         sh(

@@ -87,14 +87,7 @@ fn counts_refused_connections_ipv6() {
 fn blackholed_peer(family: Family) {
     const N: u64 = 3;
     let lab = Lab::new("bh").unwrap();
-    lab.server_nft(
-        "table inet resil_test {\n\
-           chain input { type filter hook input priority 0; policy accept;\n\
-             tcp dport 7777 drop\n\
-           }\n\
-         }\n",
-    )
-    .unwrap();
+    lab.server_input_rule("tcp dport 7777 drop").unwrap();
     // Connect timeout 500 ms in resil; the client waits 2.5 s, long enough for the kernel's
     // first SYN retransmission (after 1 s).
     let daemon = lab
@@ -188,14 +181,8 @@ fn unreachable_host(family: Family) {
     let lab = Lab::new("ur").unwrap();
     // The server's side answers SYNs to port 6666 with ICMP host unreachable, as a router
     // would for a host that is gone.
-    lab.server_nft(
-        "table inet resil_test {\n\
-           chain input { type filter hook input priority 0; policy accept;\n\
-             tcp dport 6666 reject with icmpx type host-unreachable\n\
-           }\n\
-         }\n",
-    )
-    .unwrap();
+    lab.server_input_rule("tcp dport 6666 reject with icmpx type host-unreachable")
+        .unwrap();
     let daemon = lab.daemon().unwrap();
     let addr = SocketAddr::new(lab.server_ip(family), 6666);
     lab.client(|| {

@@ -49,19 +49,11 @@ impl Sim {
 
     fn apply(&mut self, key: ConnKey, e: Effects) {
         let endpoint = key.endpoint(e.direction);
-        let s = self
+        let stats = self
             .stats
             .entry((endpoint.direction, endpoint.port))
             .or_default();
-        let c = e.counters;
-        s.attempts += (c & count::ATTEMPT != 0) as u64;
-        s.established += (c & count::ESTABLISHED != 0) as u64;
-        s.refused += (c & count::REFUSED != 0) as u64;
-        s.resets_in += (c & count::RESET_IN != 0) as u64;
-        s.resets_out += (c & count::RESET_OUT != 0) as u64;
-        s.syn_retransmits += (c & count::SYN_RETRANSMIT != 0) as u64;
-        s.retransmits += (c & count::RETRANSMIT != 0) as u64;
-        s.unreachable += (c & count::UNREACHABLE != 0) as u64;
+        count_into(stats, &e);
         if let Some(event) = e.event {
             self.events.push(event);
         }
