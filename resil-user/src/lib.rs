@@ -6,6 +6,7 @@
 //! [`api`] is the local socket protocol, [`output`] renders it for people and machines.
 
 pub mod api;
+pub mod breaker;
 pub mod cli;
 pub mod clock;
 pub mod collector;
