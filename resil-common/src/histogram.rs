@@ -81,6 +81,37 @@ pub fn quantile_us(counts: &[u64; BUCKETS], q: f64) -> Option<f64> {
     None
 }
 
+/// Counts per bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Histogram {
+    counts: [u64; BUCKETS],
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            counts: [0; BUCKETS],
+        }
+    }
+}
+
+impl Histogram {
+    /// Counts one latency.
+    pub fn record_us(&mut self, us: u64) {
+        self.counts[bucket_for_us(us)] += 1;
+    }
+
+    /// Estimated `q` quantile in microseconds, `None` while empty.
+    pub fn quantile_us(&self, q: f64) -> Option<f64> {
+        quantile_us(&self.counts, q)
+    }
+
+    /// The bucket counts.
+    pub fn counts(&self) -> &[u64; BUCKETS] {
+        &self.counts
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,8 +2,6 @@
 //!
 //! All types are `#[repr(C)]` with explicit padding so both sides agree byte for byte.
 
-use crate::histogram::BUCKETS;
-
 /// Map names, as the daemon finds them in the object.
 pub mod names {
     /// LRU hash: [`super::ConnKey`] → [`super::ConnState`].
@@ -85,7 +83,7 @@ impl ConnKey {
 }
 
 /// Handshake phase of a tracked connection.
-#[repr(u8)]
+#[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
     /// Outbound SYN sent, no answer yet.
@@ -97,31 +95,58 @@ pub enum Phase {
 }
 
 /// Per-connection state kept in the kernel's LRU map.
+///
+/// Each field has one writer side so that the ingress and egress programs, which may run on
+/// different CPUs for the same connection, never overwrite each other's updates: the
+/// "egress" fields change only on packets this node sends, the "ingress" ones only on packets
+/// it receives. (Creation and deletion replace or drop the whole entry.)
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ConnState {
     /// `bpf_ktime_get_ns` of the first SYN.
     pub syn_ns: u64,
-    /// Sequence number after the highest byte this node has sent.
+    /// A [`Phase`]; ingress.
+    pub phase: u32,
+    /// This node's initial sequence number; egress (or creation).
+    pub local_isn: u32,
+    /// The peer's initial sequence number; ingress (or creation).
+    pub remote_isn: u32,
+    /// Sequence number after the highest byte this node has sent; egress.
     pub snd_next: u32,
-    /// Sequence number after the highest byte the peer has sent.
+    /// Highest acknowledgement number this node has sent; egress.
+    pub ack_sent: u32,
+    /// Sequence number after the highest byte the peer has sent; ingress.
     pub rcv_next: u32,
-    /// A [`Phase`] as a byte.
-    pub phase: u8,
-    /// A [`Direction`] as a byte.
+    /// A [`Direction`] as a byte; set at creation.
     pub direction: u8,
-    /// [`conn_flags`] bits.
-    pub flags: u8,
+    /// [`local_flags`] bits; egress.
+    pub local_flags: u8,
+    /// [`peer_flags`] bits; ingress.
+    pub peer_flags: u8,
     pub _pad: [u8; 5],
 }
 
-/// Bits of [`ConnState::flags`].
-pub mod conn_flags {
-    /// The peer has sent payload on this connection.
-    pub const PEER_DATA: u8 = 1;
-    /// An ICMP unreachable for this handshake was already counted (the kernel may retry the
-    /// SYN after a soft error and draw another one).
-    pub const UNREACHABLE_SEEN: u8 = 2;
+/// Bits of [`ConnState::local_flags`].
+pub mod local_flags {
+    /// `snd_next` holds a real value.
+    pub const SND_KNOWN: u8 = 1;
+    /// `ack_sent` holds a real value.
+    pub const ACK_KNOWN: u8 = 2;
+    /// This node sent a FIN.
+    pub const FIN: u8 = 4;
+}
+
+/// Bits of [`ConnState::peer_flags`].
+pub mod peer_flags {
+    /// `rcv_next` holds a real value.
+    pub const RCV_KNOWN: u8 = 1;
+    /// The peer has sent payload.
+    pub const DATA: u8 = 2;
+    /// The peer sent a FIN.
+    pub const FIN: u8 = 4;
+    /// An ICMP unreachable for this handshake was already counted (after a soft error the
+    /// kernel retries the SYN and may draw another).
+    pub const UNREACHABLE_SEEN: u8 = 8;
 }
 
 /// A remote endpoint (outbound) or a local service (inbound).
@@ -137,7 +162,7 @@ pub struct EndpointKey {
 
 /// Counters per endpoint, one copy per CPU; the daemon sums them.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct EndpointStats {
     /// Connection attempts (first SYN of a connection).
     pub attempts: u64,
@@ -145,9 +170,9 @@ pub struct EndpointStats {
     pub established: u64,
     /// Handshakes answered with a RST.
     pub refused: u64,
-    /// Resets received on established connections.
+    /// Resets received on established connections (before either side closed).
     pub resets_in: u64,
-    /// Resets sent on established connections.
+    /// Resets sent on established connections (before either side closed).
     pub resets_out: u64,
     /// Retransmitted SYNs (or SYN-ACKs for inbound connections).
     pub syn_retransmits: u64,
@@ -155,13 +180,13 @@ pub struct EndpointStats {
     pub retransmits: u64,
     /// ICMP or ICMPv6 destination-unreachable messages for tracked connections.
     pub unreachable: u64,
-    /// Handshake latency histogram, see [`crate::histogram`].
-    pub latency: [u64; BUCKETS],
+    /// `bpf_ktime_get_ns` when the kernel created this entry (on the creating CPU's copy;
+    /// the others hold 0). A new value means the LRU evicted the endpoint and it came back.
+    pub created_ns: u64,
 }
 
 impl EndpointStats {
-    /// All counters zero: a `const` so the kernel can insert it from read-only data instead of
-    /// building 448 bytes on its 512-byte stack.
+    /// All counters zero.
     pub const ZERO: EndpointStats = EndpointStats {
         attempts: 0,
         established: 0,
@@ -171,14 +196,8 @@ impl EndpointStats {
         syn_retransmits: 0,
         retransmits: 0,
         unreachable: 0,
-        latency: [0; BUCKETS],
+        created_ns: 0,
     };
-}
-
-impl Default for EndpointStats {
-    fn default() -> Self {
-        Self::ZERO
-    }
 }
 
 /// Kinds of [`HandshakeEvent`]: one `Started` and at most one outcome per outbound handshake.
@@ -260,9 +279,9 @@ mod tests {
     #[test]
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<ConnKey>(), 40);
-        assert_eq!(size_of::<ConnState>(), 24);
+        assert_eq!(size_of::<ConnState>(), 40);
         assert_eq!(size_of::<EndpointKey>(), 20);
-        assert_eq!(size_of::<EndpointStats>(), 8 * (8 + BUCKETS));
+        assert_eq!(size_of::<EndpointStats>(), 8 * 9);
         assert_eq!(size_of::<HandshakeEvent>(), 64);
     }
 }

@@ -10,6 +10,10 @@ use crate::maps::{FAMILY_IPV4, FAMILY_IPV6};
 pub trait PacketBytes {
     /// The `N` bytes at `offset`, or `None` if they are not all inside the packet.
     fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]>;
+
+    /// The packet's length in bytes (used only where the IP header leaves it out: BIG TCP
+    /// packets over 64 KiB carry a length field of 0).
+    fn total_len(&self) -> usize;
 }
 
 impl PacketBytes for [u8] {
@@ -20,6 +24,10 @@ impl PacketBytes for [u8] {
         let mut out = [0u8; N];
         out.copy_from_slice(bytes);
         Some(out)
+    }
+
+    fn total_len(&self) -> usize {
+        self.len()
     }
 }
 
@@ -68,6 +76,8 @@ pub struct QuotedFlow {
     pub dst: [u8; 16],
     pub src_port: u16,
     pub dst_port: u16,
+    /// The quoted segment's sequence number (for a SYN: the sender's initial one).
+    pub seq: u32,
 }
 
 /// What a frame turned out to be.
@@ -120,20 +130,24 @@ enum NetworkResult {
     Malformed,
 }
 
-/// Parses an Ethernet frame (one VLAN tag allowed).
+/// Parses an Ethernet frame (up to two VLAN tags, as in 802.1ad QinQ).
 #[inline(always)]
 pub fn parse_ethernet<P: PacketBytes + ?Sized>(packet: &P) -> Parsed {
-    let Some(ethertype) = packet.read::<2>(12).map(be16) else {
+    let mut l3 = ETH_HEADER;
+    let Some(mut ethertype) = packet.read::<2>(12).map(be16) else {
         return Parsed::Other;
     };
-    let (ethertype, l3) = if ethertype == ETHERTYPE_VLAN || ethertype == ETHERTYPE_QINQ {
-        match packet.read::<2>(16).map(be16) {
-            Some(inner) => (inner, ETH_HEADER + 4),
+    for _ in 0..2 {
+        if ethertype != ETHERTYPE_VLAN && ethertype != ETHERTYPE_QINQ {
+            break;
+        }
+        // The tag's 2 bytes of TCI, then the next ethertype.
+        match packet.read::<2>(l3 + 2).map(be16) {
+            Some(inner) => ethertype = inner,
             None => return Parsed::Other,
         }
-    } else {
-        (ethertype, ETH_HEADER)
-    };
+        l3 += 4;
+    }
     let network = match ethertype {
         ETHERTYPE_IPV4 => parse_ipv4(packet, l3),
         ETHERTYPE_IPV6 => parse_ipv6(packet, l3),
@@ -152,7 +166,11 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(packet: &P, at: usize) -> NetworkResult {
         return NetworkResult::Malformed;
     };
     let header_len = ((h[0] & 0x0f) as usize) * 4;
-    let total_len = be16([h[2], h[3]]) as usize;
+    let total_len = match be16([h[2], h[3]]) as usize {
+        // BIG TCP: a GSO packet over 64 KiB; the packet's own length is the truth.
+        0 => packet.total_len().saturating_sub(at),
+        len => len,
+    };
     if h[0] >> 4 != 4 || header_len < 20 || total_len < header_len {
         return NetworkResult::Malformed;
     }
@@ -182,7 +200,11 @@ fn parse_ipv6<P: PacketBytes + ?Sized>(packet: &P, at: usize) -> NetworkResult {
     let mut dst = [0u8; 16];
     src.copy_from_slice(&h[8..24]);
     dst.copy_from_slice(&h[24..40]);
-    let payload_len = be16([h[4], h[5]]) as usize;
+    let payload_len = match be16([h[4], h[5]]) as usize {
+        // BIG TCP (or a jumbogram): the packet's own length is the truth.
+        0 => packet.total_len().saturating_sub(at + 40),
+        len => len,
+    };
     let mut next = h[6];
     let mut offset = at + 40;
     let mut extensions_len = 0usize;
@@ -194,6 +216,16 @@ fn parse_ipv6<P: PacketBytes + ?Sized>(packet: &P, at: usize) -> NetworkResult {
                     return NetworkResult::Malformed;
                 };
                 let len = (ext[1] as usize + 1) * 8;
+                next = ext[0];
+                offset += len;
+                extensions_len += len;
+            }
+            // Authentication header: length in 4-byte units after the first 8.
+            51 => {
+                let Some(ext) = packet.read::<2>(offset) else {
+                    return NetworkResult::Malformed;
+                };
+                let len = (ext[1] as usize + 2) * 4;
                 next = ext[0];
                 offset += len;
                 extensions_len += len;
@@ -287,16 +319,17 @@ fn parse_icmp_unreachable<P: PacketBytes + ?Sized>(
         NetworkResult::Found(_) | NetworkResult::Other => return Parsed::Other,
         NetworkResult::Malformed => return Parsed::Malformed,
     };
-    // ICMP quotes at least the first 8 bytes of the transport header: the ports are in them.
-    let Some(ports) = packet.read::<4>(inner.l4_offset) else {
+    // ICMP quotes at least the first 8 bytes of the transport header: ports and sequence.
+    let Some(t) = packet.read::<8>(inner.l4_offset) else {
         return Parsed::Malformed;
     };
     Parsed::Unreachable(QuotedFlow {
         family: inner.family,
         src: inner.src,
         dst: inner.dst,
-        src_port: be16([ports[0], ports[1]]),
-        dst_port: be16([ports[2], ports[3]]),
+        src_port: be16([t[0], t[1]]),
+        dst_port: be16([t[2], t[3]]),
+        seq: be32([t[4], t[5], t[6], t[7]]),
     })
 }
 
@@ -367,10 +400,58 @@ mod tests {
                 Parsed::Unreachable(flow) => {
                     assert_eq!(flow.src, a.bytes());
                     assert_eq!(flow.dst, b.bytes());
-                    assert_eq!((flow.src_port, flow.dst_port), (40000, 443));
+                    assert_eq!((flow.src_port, flow.dst_port, flow.seq), (40000, 443, 1));
                 }
                 other => panic!("{other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn parses_double_vlan_tags() {
+        let frame = tcp_frame(Addr::V4(A4), Addr::V4(B4), 1, 2, 3, 4, tcp_flags::SYN, 0);
+        let mut tagged = frame[..12].to_vec();
+        tagged.extend_from_slice(&[0x88, 0xa8, 0, 10, 0x81, 0x00, 0, 20]);
+        tagged.extend_from_slice(&frame[12..]);
+        match parse_ethernet(tagged.as_slice()) {
+            Parsed::Tcp(seg) => assert_eq!((seg.src_port, seg.dst_port), (1, 2)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn big_tcp_lengths_come_from_the_packet() {
+        let mut frame = tcp_frame(Addr::V4(A4), Addr::V4(B4), 1, 2, 3, 4, tcp_flags::ACK, 100);
+        frame[16] = 0;
+        frame[17] = 0;
+        match parse_ethernet(frame.as_slice()) {
+            Parsed::Tcp(seg) => assert_eq!(seg.payload_len, 100),
+            other => panic!("{other:?}"),
+        }
+        let mut frame = tcp_frame(Addr::V6(A6), Addr::V6(B6), 1, 2, 3, 4, tcp_flags::ACK, 100);
+        frame[18] = 0;
+        frame[19] = 0;
+        match parse_ethernet(frame.as_slice()) {
+            Parsed::Tcp(seg) => assert_eq!(seg.payload_len, 100),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn skips_an_ipv6_authentication_header() {
+        let frame = tcp_frame(Addr::V6(A6), Addr::V6(B6), 1, 2, 3, 4, tcp_flags::SYN, 0);
+        let mut with_ah = frame[..14 + 40].to_vec();
+        with_ah[14 + 6] = 51;
+        let payload_len = u16::from_be_bytes([with_ah[18], with_ah[19]]) + 12;
+        with_ah[18..20].copy_from_slice(&payload_len.to_be_bytes());
+        // AH: next header TCP, length 1 → (1 + 2) × 4 = 12 bytes.
+        with_ah.extend_from_slice(&[6, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1]);
+        with_ah.extend_from_slice(&frame[14 + 40..]);
+        match parse_ethernet(with_ah.as_slice()) {
+            Parsed::Tcp(seg) => {
+                assert_eq!((seg.src_port, seg.dst_port, seg.payload_len), (1, 2, 0))
+            }
+            other => panic!("{other:?}"),
         }
     }
 

@@ -35,9 +35,6 @@ static HANDSHAKES: RingBuf = RingBuf::with_byte_size(HANDSHAKE_RING_BYTES, 0);
 #[map]
 static HEALTH: PerCpuArray<u64> = PerCpuArray::with_max_entries(HEALTH_SLOTS, 0);
 
-/// The initial value of a new endpoint, in read-only data.
-static ZERO_STATS: EndpointStats = EndpointStats::ZERO;
-
 /// `BPF_NOEXIST`: insert only if absent.
 const NOEXIST: u64 = 1;
 
@@ -48,6 +45,11 @@ impl PacketBytes for Skb<'_> {
     #[inline(always)]
     fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
         self.0.load::<[u8; N]>(offset).ok()
+    }
+
+    #[inline(always)]
+    fn total_len(&self) -> usize {
+        self.0.len() as usize
     }
 }
 
@@ -74,15 +76,15 @@ fn observe(ctx: &TcContext, way: Way) {
             // SAFETY: the pointer comes from a map lookup and is only read here.
             let current = conn.map(|p| unsafe { *p });
             let effects = track::on_tcp(current.as_ref(), &segment, way, now_ns());
-            apply(ctx, &key, conn, &effects);
+            apply(ctx, &key, conn, current.as_ref(), &effects);
         }
         Parsed::Unreachable(flow) if way == Way::Ingress => {
             let key = track::quoted_conn_key(&flow);
             let conn = CONNECTIONS.get_ptr_mut(&key);
             // SAFETY: as above.
             let current = conn.map(|p| unsafe { *p });
-            let effects = track::on_unreachable(current.as_ref());
-            apply(ctx, &key, conn, &effects);
+            let effects = track::on_unreachable(current.as_ref(), &flow);
+            apply(ctx, &key, conn, current.as_ref(), &effects);
         }
         Parsed::Malformed => bump(Health::Malformed),
         Parsed::Unreachable(_) | Parsed::Other => {}
@@ -96,19 +98,29 @@ fn now_ns() -> u64 {
 }
 
 #[inline(always)]
-fn apply(ctx: &TcContext, key: &ConnKey, conn: Option<*mut ConnState>, effects: &Effects) {
+fn apply(
+    ctx: &TcContext,
+    key: &ConnKey,
+    conn: Option<*mut ConnState>,
+    read: Option<&ConnState>,
+    effects: &Effects,
+) {
     match effects.update {
         Update::Keep => {}
-        Update::Write(state) => match conn {
-            // SAFETY: the entry exists; concurrent writers of one connection race benignly.
-            Some(p) => unsafe { *p = state },
-            None => {
-                if CONNECTIONS.insert(key, &state, 0).is_err() {
-                    bump(Health::ConnInsertFailed);
-                    warn!(ctx, "resil: connection map insert failed");
-                }
+        Update::Insert(state) => {
+            if CONNECTIONS.insert(key, &state, 0).is_err() {
+                bump(Health::ConnInsertFailed);
+                warn!(ctx, "resil: connection map insert failed");
             }
-        },
+        }
+        Update::Write(state) => {
+            if let (Some(p), Some(old)) = (conn, read) {
+                // SAFETY: `p` came from the lookup that `old` was read through. Only the
+                // fields this packet's direction owns change, so the other direction's
+                // program, perhaps running on another CPU, loses nothing.
+                unsafe { track::write_changes(p, old, &state) };
+            }
+        }
         Update::Delete => {
             let _ = CONNECTIONS.remove(key);
         }
@@ -127,7 +139,11 @@ fn count_for_endpoint(ctx: &TcContext, key: &ConnKey, effects: &Effects) {
     let mut stats = ENDPOINTS.get_ptr_mut(&endpoint);
     if stats.is_none() {
         // A new endpoint: create it (another CPU may win the race; then ours fails harmlessly).
-        let _ = ENDPOINTS.insert(&endpoint, &ZERO_STATS, NOEXIST);
+        let fresh = EndpointStats {
+            created_ns: now_ns(),
+            ..EndpointStats::ZERO
+        };
+        let _ = ENDPOINTS.insert(&endpoint, &fresh, NOEXIST);
         stats = ENDPOINTS.get_ptr_mut(&endpoint);
     }
     let Some(stats) = stats else {

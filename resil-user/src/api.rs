@@ -5,12 +5,16 @@
 
 use std::{
     io::{BufRead, BufReader, ErrorKind, Write},
-    os::unix::{fs::PermissionsExt, net::UnixStream},
+    os::unix::{
+        fs::{FileTypeExt, PermissionsExt},
+        net::UnixStream,
+    },
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use anyhow::{anyhow, bail, Context as _, Result};
+use nix::sys::stat::{umask, Mode};
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt},
@@ -22,6 +26,8 @@ use tokio::{
 pub const DEFAULT_SOCKET: &str = "/run/resil/resil.sock";
 /// Longest request line the daemon reads.
 const MAX_REQUEST: u64 = 64 * 1024;
+/// How long a client may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A request from a client.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -106,7 +112,13 @@ impl Server {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create the socket directory {}", dir.display()))?;
         }
-        if path.exists() {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                bail!(
+                    "{} exists and is not a socket; choose another --socket path",
+                    path.display()
+                );
+            }
             if UnixStream::connect(path).is_ok() {
                 bail!(
                     "another resil daemon is already running on {}",
@@ -116,8 +128,11 @@ impl Server {
             std::fs::remove_file(path)
                 .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
         }
-        let listener = UnixListener::bind(path)
-            .with_context(|| format!("cannot listen on {}", path.display()))?;
+        // Create the socket 0600 from the start: no window where others could connect.
+        let old_umask = umask(Mode::from_bits_truncate(0o177));
+        let listener = UnixListener::bind(path);
+        umask(old_umask);
+        let listener = listener.with_context(|| format!("cannot listen on {}", path.display()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("cannot restrict {} to root", path.display()))?;
         Ok(Server {
@@ -152,9 +167,11 @@ async fn answer(stream: tokio::net::UnixStream, requests: mpsc::Sender<Pending>)
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST));
-    let response = match reader.read_line(&mut line).await {
-        Err(e) => Response::Error(format!("cannot read the request: {e}")),
-        Ok(_) => match serde_json::from_str::<Request>(line.trim()) {
+    let read = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await;
+    let response = match read {
+        Err(_) => Response::Error("no request within 5 s".into()),
+        Ok(Err(e)) => Response::Error(format!("cannot read the request: {e}")),
+        Ok(Ok(_)) => match serde_json::from_str::<Request>(line.trim()) {
             Err(e) => Response::Error(format!("invalid request: {e}")),
             Ok(request) => {
                 let (tx, rx) = oneshot::channel();

@@ -26,9 +26,8 @@ pub fn sum(values: &[EndpointStats]) -> EndpointStats {
         total.syn_retransmits += v.syn_retransmits;
         total.retransmits += v.retransmits;
         total.unreachable += v.unreachable;
-        for (t, b) in total.latency.iter_mut().zip(v.latency.iter()) {
-            *t += b;
-        }
+        // Only the creating CPU's copy holds the creation time.
+        total.created_ns = total.created_ns.max(v.created_ns);
     }
     total
 }
@@ -109,14 +108,17 @@ mod tests {
 
     #[test]
     fn sums_across_cpus() {
-        let mut a = EndpointStats::ZERO;
-        a.attempts = 2;
-        a.latency[3] = 1;
-        let mut b = EndpointStats::ZERO;
-        b.attempts = 5;
-        b.latency[3] = 4;
+        let a = EndpointStats {
+            attempts: 2,
+            created_ns: 77,
+            ..EndpointStats::ZERO
+        };
+        let b = EndpointStats {
+            attempts: 5,
+            ..EndpointStats::ZERO
+        };
         let s = sum(&[a, b]);
-        assert_eq!((s.attempts, s.latency[3]), (7, 5));
+        assert_eq!((s.attempts, s.created_ns), (7, 77));
     }
 
     #[test]

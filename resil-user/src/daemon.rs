@@ -81,6 +81,8 @@ fn resolve_interfaces(asked: &[String]) -> Result<Vec<String>> {
 struct Agent {
     endpoints: EndpointTable,
     handshakes: HandshakeTracker,
+    /// Handshake-table overflows already logged.
+    reported_overflow: u64,
 }
 
 impl Agent {
@@ -89,6 +91,7 @@ impl Agent {
         Agent {
             endpoints: EndpointTable::default(),
             handshakes: HandshakeTracker::new(timeout_ns, MAX_PENDING_HANDSHAKES),
+            reported_overflow: 0,
         }
     }
 
@@ -100,6 +103,14 @@ impl Agent {
     }
 
     fn tick(&mut self, collector: &mut Collector) {
+        let overflowed = self.handshakes.overflowed;
+        if overflowed > self.reported_overflow {
+            warn!(
+                "{} handshakes were not followed: more than {MAX_PENDING_HANDSHAKES} in flight",
+                overflowed - self.reported_overflow
+            );
+            self.reported_overflow = overflowed;
+        }
         collector.each_endpoint(|key, stats| self.endpoints.absorb(key, stats));
         for conn in self.handshakes.expire(monotonic_ns()) {
             self.endpoints
@@ -140,6 +151,9 @@ fn watch<T: AsRawFd>(inner: T, what: &str) -> Result<AsyncFd<T>> {
 }
 
 async fn agent(config: Config, interfaces: Vec<String>, options: DaemonOptions) -> Result<()> {
+    // Before anything is attached, so a signal during start-up still ends in a clean exit.
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut probes = Probes::load(options.bpf_log)?;
     for iface in &interfaces {
         probes.attach_tc(iface)?;
@@ -153,8 +167,6 @@ async fn agent(config: Config, interfaces: Vec<String>, options: DaemonOptions) 
         let server = Rc::clone(&server);
         tokio::task::spawn_local(async move { server.serve(requests_tx).await })
     };
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut tick = tokio::time::interval(config.daemon.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut agent = Agent::new(config);

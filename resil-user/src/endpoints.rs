@@ -1,8 +1,11 @@
 //! Per-endpoint figures, cumulative since the daemon first saw each endpoint.
 //!
 //! The kernel's endpoint map is an LRU: an idle endpoint can be evicted and come back with its
-//! counters at zero. The table notices a counter going down and keeps counting from its total,
-//! so nothing already seen is lost. The table itself is bounded: past its capacity the
+//! counters at zero. The kernel stamps each entry with its creation time, so the table knows a
+//! reading comes from a new entry and adds it whole: nothing already seen is lost.
+//!
+//! Handshake latency percentiles come from the handshake events (which carry the exact
+//! latency), kept here in a log-scale histogram. The table itself is bounded: past its capacity the
 //! endpoints idle the longest are forgotten.
 
 use std::{
@@ -11,7 +14,7 @@ use std::{
 };
 
 use resil_common::{
-    histogram::{quantile_us, BUCKETS},
+    histogram::Histogram,
     maps::{Direction, EndpointKey, EndpointStats, FAMILY_IPV4},
 };
 
@@ -29,6 +32,8 @@ struct Endpoint {
     last: EndpointStats,
     /// Handshakes that got no answer within the connect timeout.
     timeouts: u64,
+    /// Handshake latency (outbound).
+    latency: Histogram,
     /// The table's tick when anything about this endpoint last changed.
     last_change: u64,
 }
@@ -102,7 +107,17 @@ impl EndpointTable {
         if e.last != *now {
             e.last_change = tick;
         }
-        let (t, l) = (&mut e.total, &e.last);
+        // A new kernel entry: everything in it is new to us.
+        let fresh = EndpointStats {
+            created_ns: now.created_ns,
+            ..EndpointStats::ZERO
+        };
+        let l = if now.created_ns != e.last.created_ns {
+            &fresh
+        } else {
+            &e.last
+        };
+        let t = &mut e.total;
         add_delta(&mut t.attempts, l.attempts, now.attempts);
         add_delta(&mut t.established, l.established, now.established);
         add_delta(&mut t.refused, l.refused, now.refused);
@@ -115,19 +130,21 @@ impl EndpointTable {
         );
         add_delta(&mut t.retransmits, l.retransmits, now.retransmits);
         add_delta(&mut t.unreachable, l.unreachable, now.unreachable);
-        for i in 0..BUCKETS {
-            add_delta(&mut t.latency[i], l.latency[i], now.latency[i]);
-        }
         e.last = *now;
     }
 
-    /// Records how a handshake to an endpoint ended (only timeouts are not in kernel counters).
+    /// Records how a handshake to an endpoint ended: timeouts (which the kernel cannot see)
+    /// and the latency of completed handshakes.
     pub fn record(&mut self, key: EndpointKey, outcome: Outcome) {
-        if outcome == Outcome::Timeout {
-            let e = self.endpoints.entry(key).or_default();
-            e.timeouts += 1;
-            e.last_change = self.tick;
+        let e = self.endpoints.entry(key).or_default();
+        match outcome {
+            Outcome::Timeout => e.timeouts += 1,
+            Outcome::Established { latency_ns } => {
+                e.latency.record_us(latency_ns / 1_000);
+            }
+            _ => return,
         }
+        e.last_change = self.tick;
     }
 
     /// Status of every endpoint, sorted by direction then address.
@@ -161,8 +178,10 @@ fn status_of(key: &EndpointKey, e: &Endpoint) -> EndpointStatus {
     let failures = t.refused + e.timeouts + t.unreachable;
     let outcomes = t.established + failures;
     let failure_rate = (outcomes > 0).then(|| failures as f64 / outcomes as f64);
-    let connect_latency_us = quantile_us(&t.latency, 0.5)
-        .zip(quantile_us(&t.latency, 0.99))
+    let connect_latency_us = e
+        .latency
+        .quantile_us(0.5)
+        .zip(e.latency.quantile_us(0.99))
         .map(|(p50, p99)| Latency {
             p50: round1(p50),
             p99: round1(p99),
@@ -196,7 +215,7 @@ fn round1(x: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use resil_common::{histogram::bucket_for_us, maps::FAMILY_IPV6};
+    use resil_common::maps::FAMILY_IPV6;
 
     fn key(family: u8) -> EndpointKey {
         let mut addr = [0u8; 16];
@@ -226,15 +245,20 @@ mod tests {
         let k = key(FAMILY_IPV4);
         let mut raw = EndpointStats {
             attempts: 5,
+            created_ns: 1,
             ..EndpointStats::ZERO
         };
         table.absorb(k, &raw);
         raw.attempts = 7;
         table.absorb(k, &raw);
-        // Evicted, recreated with 2.
-        raw.attempts = 2;
+        // Evicted, recreated, and grown past the last reading within one tick.
+        raw = EndpointStats {
+            attempts: 9,
+            created_ns: 2,
+            ..EndpointStats::ZERO
+        };
         table.absorb(k, &raw);
-        assert_eq!(table.status()[0].attempts, 9);
+        assert_eq!(table.status()[0].attempts, 16);
     }
 
     #[test]
@@ -278,12 +302,19 @@ mod tests {
         let s = &table.status()[0];
         assert_eq!((s.timeouts, s.failure_rate), (1, Some(1.0)));
         assert!(s.connect_latency_us.is_none());
-        let mut raw = EndpointStats {
+        let raw = EndpointStats {
             established: 3,
             ..EndpointStats::ZERO
         };
-        raw.latency[bucket_for_us(100)] = 3;
         table.absorb(k, &raw);
+        for _ in 0..3 {
+            table.record(
+                k,
+                Outcome::Established {
+                    latency_ns: 100_000,
+                },
+            );
+        }
         let s = &table.status()[0];
         assert_eq!(s.failure_rate, Some(0.25));
         let latency = s.connect_latency_us.unwrap();

@@ -209,7 +209,12 @@ impl Lab {
 
     /// Like [`Lab::daemon`] with the given configuration file text.
     pub fn daemon_with_config(&self, config: &str) -> Result<Daemon> {
-        Daemon::start(self, config)
+        Daemon::start(&self.client_ns, &self.client_if, &self.dir, config)
+    }
+
+    /// The daemon on the server side instead, to watch the services clients connect to.
+    pub fn server_daemon(&self) -> Result<Daemon> {
+        Daemon::start(&self.server_ns, &self.server_if, &self.dir, "")
     }
 }
 
@@ -377,20 +382,18 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    fn start(lab: &Lab, config: &str) -> Result<Daemon> {
-        let socket = lab.dir.join("resil.sock");
-        let config_path = lab.dir.join("resil.toml");
+    fn start(netns: &str, iface: &str, dir: &Path, config: &str) -> Result<Daemon> {
+        let n = LABS.fetch_add(1, Ordering::SeqCst);
+        let socket = dir.join(format!("resil-{n}.sock"));
+        let config_path = dir.join(format!("resil-{n}.toml"));
         std::fs::write(&config_path, config)?;
-        let log = lab.dir.join(format!(
-            "daemon-{}.log",
-            LABS.fetch_add(1, Ordering::SeqCst)
-        ));
-        let netns = format!("--net=/run/netns/{}", lab.client_ns);
+        let log = dir.join(format!("daemon-{n}.log"));
+        let netns = format!("--net=/run/netns/{netns}");
         let log_file = File::create(&log)?;
         let child = Command::new("nsenter")
             .arg(&netns)
             .arg(resil_bin())
-            .args(["daemon", "--iface", &lab.client_if, "--socket"])
+            .args(["daemon", "--iface", iface, "--socket"])
             .arg(&socket)
             .arg("--config")
             .arg(&config_path)

@@ -65,6 +65,31 @@ fn start_and_stop_twice_leaves_nothing_behind() {
     assert!(!std::path::Path::new("/sys/fs/bpf/resil").exists());
 }
 
+#[test]
+fn a_second_daemon_on_the_same_socket_fails_and_leaves_the_first_alone() {
+    let lab = Lab::new("d2").unwrap();
+    let first = lab.daemon().unwrap();
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.client_ns))
+        .arg(resil_bin())
+        .args(["daemon", "--iface", &lab.client_if, "--socket"])
+        .arg(&first.socket)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("already running"), "{err}");
+    // The loser detached what it had attached; the first daemon is intact and answering.
+    let now = attachments(&lab);
+    assert_eq!(
+        now.matches("resil_tc").count(),
+        2,
+        "one program each way:\n{now}"
+    );
+    assert!(first.socket.exists());
+    first.status();
+}
+
 fn resil(args: &[&str]) -> (i32, String) {
     let out = Command::new(resil_bin()).args(args).output().unwrap();
     (

@@ -206,3 +206,52 @@ fn counts_icmp_unreachable_ipv4() {
 fn counts_icmp_unreachable_ipv6() {
     unreachable_host(Family::V6);
 }
+
+fn inbound_service(family: Family) {
+    const N: u64 = 6;
+    let lab = Lab::new("in").unwrap();
+    let _server = lab.serve(8080, ServeMode::Echo).unwrap();
+    // resil watches the server side: clients connect in to its services.
+    let daemon = lab.server_daemon().unwrap();
+    let open = SocketAddr::new(lab.server_ip(family), 8080);
+    let closed = SocketAddr::new(lab.server_ip(family), 8099);
+    lab.client(|| {
+        for _ in 0..N {
+            let mut s = connect(open, Duration::from_secs(5)).expect("connect");
+            s.write_all(b"ping").unwrap();
+            connect(closed, Duration::from_secs(5)).expect_err("nothing listens");
+        }
+    });
+    let served = daemon.wait_for(&lab.server_endpoint(family, 8080), SETTLE, |e| {
+        e.established >= N
+    });
+    assert_eq!(
+        served.direction,
+        resil_user::api::Side::Inbound,
+        "{served:?}"
+    );
+    assert_eq!(
+        (served.attempts, served.established, served.refused),
+        (N, N, 0),
+        "{served:?}"
+    );
+    let refusing = daemon.wait_for(&lab.server_endpoint(family, 8099), SETTLE, |e| {
+        e.refused >= N
+    });
+    assert_eq!(refusing.direction, resil_user::api::Side::Inbound);
+    assert_eq!(
+        (refusing.attempts, refusing.refused),
+        (N, N),
+        "{refusing:?}"
+    );
+}
+
+#[test]
+fn counts_inbound_connections_to_local_services_ipv4() {
+    inbound_service(Family::V4);
+}
+
+#[test]
+fn counts_inbound_connections_to_local_services_ipv6() {
+    inbound_service(Family::V6);
+}

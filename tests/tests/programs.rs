@@ -110,10 +110,10 @@ fn handshake(client: Addr, server: Addr) {
         (stats.attempts, stats.established, stats.refused),
         (1, 1, 0)
     );
-    assert_eq!(stats.latency.iter().sum::<u64>(), 1);
+    assert!(stats.created_ns > 0, "the kernel stamps new endpoints");
     let conns = connections(&ebpf);
     assert_eq!(conns.len(), 1);
-    assert_eq!(conns[0].1.phase, Phase::Established as u8);
+    assert_eq!(conns[0].1.phase, Phase::Established as u32);
     assert_eq!(
         events(&mut ebpf),
         [HandshakeKind::Started, HandshakeKind::Established]
@@ -192,7 +192,7 @@ fn hostile_frames() -> Vec<Vec<u8>> {
         }
         let quoted = tcp_packet(client, server, 40000, 80, 1, 0, SYN, 0);
         let icmp = icmp_unreachable_frame(server, client, &quoted);
-        let needed = icmp.len() - 4; // the quoted ports are the last bytes it needs
+        let needed = icmp.len(); // it needs the quoted ports and sequence number, the last bytes
         for cut in 14 + ip_header..needed {
             frames.push(icmp[..cut].to_vec());
         }
