@@ -50,7 +50,7 @@ impl Direction {
 /// A TCP connection, always oriented from this node: `local` is the node's address.
 /// IPv4 addresses occupy the first 4 bytes of the 16, the rest zero.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct ConnKey {
     pub local_addr: [u8; 16],
     pub remote_addr: [u8; 16],

@@ -35,6 +35,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum Request {
     /// Every endpoint's figures.
     Status,
+    /// Recent breaker transitions, oldest first.
+    Events,
 }
 
 /// The daemon's answer.
@@ -43,6 +45,8 @@ pub enum Request {
 pub enum Response {
     /// Answer to [`Request::Status`].
     Status(StatusReport),
+    /// Answer to [`Request::Events`].
+    Events(EventsReport),
     /// The request could not be served.
     Error(String),
 }
@@ -86,6 +90,31 @@ pub struct EndpointStatus {
     pub failure_rate: Option<f64>,
     /// Handshake latency percentiles, null before the first handshake.
     pub connect_latency_us: Option<Latency>,
+    /// Why the breaker is in its state (null while it never left closed).
+    pub reason: Option<String>,
+    /// The named dependency whose policy applies (null: the defaults).
+    pub dependency: Option<String>,
+}
+
+/// A breaker transition, as `resil events` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransitionEvent {
+    /// Seconds since the Unix epoch.
+    pub time: f64,
+    pub endpoint: String,
+    pub dependency: Option<String>,
+    pub from: String,
+    pub to: String,
+    /// The rule and its figures, in words.
+    pub reason: String,
+    /// The same, as data.
+    pub details: crate::breaker::Reason,
+}
+
+/// `resil events -o json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventsReport {
+    pub events: Vec<TransitionEvent>,
 }
 
 /// Latency percentiles in microseconds.

@@ -1,6 +1,6 @@
 //! The command line: `resil daemon` and the client subcommands.
 
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
@@ -8,12 +8,14 @@ use log::LevelFilter;
 
 use crate::{
     api::{self, Request, Response, DEFAULT_SOCKET},
+    config::Config,
     daemon::{self, DaemonOptions},
+    error::usage,
     output::{self, Format},
 };
 
 /// resil: kernel-level network resilience. Sees every TCP connection this node makes or
-/// accepts and tells which dependency fails, and how.
+/// accepts, runs a circuit breaker per endpoint and tells which dependency fails, and how.
 #[derive(Debug, Parser)]
 #[command(name = "resil", version, propagate_version = true)]
 pub struct Cli {
@@ -26,8 +28,34 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent: load the BPF programs, attach them, serve the local API.
     Daemon(DaemonArgs),
-    /// Show per-endpoint connection health.
+    /// Show per-endpoint connection health and breaker states.
     Status(ClientArgs),
+    /// Show recent breaker transitions, oldest first.
+    Events(ClientArgs),
+    /// Check a configuration file, or show which policy applies to an endpoint.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// `resil config …`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate FILE; exit 2 with the line, key and what was expected if it is invalid.
+    Check {
+        /// The configuration file.
+        file: PathBuf,
+    },
+    /// Show the policy that applies to ENDPOINT (like 10.0.3.7:5432 or [fd00::7]:443) and why.
+    Explain {
+        /// The endpoint.
+        endpoint: String,
+        /// Configuration file. Default: /etc/resil/resil.toml when present, else built-in.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
 }
 
 /// Options every client subcommand takes.
@@ -48,6 +76,7 @@ pub struct DaemonArgs {
     #[arg(long = "iface", value_name = "IF")]
     pub interfaces: Vec<String>,
     /// Configuration file. Default: /etc/resil/resil.toml when present, else built-in defaults.
+    /// SIGHUP reloads it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// The API socket to create (mode 0600).
@@ -74,14 +103,58 @@ pub fn run() -> Result<()> {
             socket: args.socket,
             bpf_log: args.bpf_log,
         }),
-        Command::Status(args) => match api::call(&args.socket, &Request::Status)? {
-            Response::Status(report) => {
-                println!("{}", output::status(&report, args.output));
-                Ok(())
-            }
-            Response::Error(message) => bail!("the daemon could not answer: {message}"),
+        Command::Status(args) => match call(&args, Request::Status)? {
+            Response::Status(report) => print(output::status(&report, args.output)),
+            other => unexpected(other),
         },
+        Command::Events(args) => match call(&args, Request::Events)? {
+            Response::Events(report) => print(output::events(&report, args.output)),
+            other => unexpected(other),
+        },
+        Command::Config(ConfigCommand::Check { file }) => {
+            let config = Config::load(Some(&file))?;
+            println!(
+                "{}: valid ({} {})",
+                file.display(),
+                config.policies.dependencies.len(),
+                if config.policies.dependencies.len() == 1 {
+                    "dependency"
+                } else {
+                    "dependencies"
+                }
+            );
+            Ok(())
+        }
+        Command::Config(ConfigCommand::Explain {
+            endpoint,
+            config,
+            output: format,
+        }) => {
+            let endpoint: SocketAddr = endpoint.parse().map_err(|_| {
+                usage(format!(
+                    "`{endpoint}` is not an endpoint like 10.0.3.7:5432 or [fd00::7]:443"
+                ))
+            })?;
+            let config = Config::load(config.as_deref())?;
+            print(output::explain(&config, endpoint, format))
+        }
     }
+}
+
+fn call(args: &ClientArgs, request: Request) -> Result<Response> {
+    match api::call(&args.socket, &request)? {
+        Response::Error(message) => bail!("the daemon could not answer: {message}"),
+        response => Ok(response),
+    }
+}
+
+fn unexpected(response: Response) -> Result<()> {
+    bail!("the daemon answered something else than asked: {response:?}")
+}
+
+fn print(text: String) -> Result<()> {
+    println!("{text}");
+    Ok(())
 }
 
 #[cfg(test)]
@@ -114,6 +187,11 @@ mod tests {
                 output: Format::Json,
                 ..
             })
+        ));
+        let cli = Cli::try_parse_from(["resil", "config", "check", "x.toml"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Config(ConfigCommand::Check { .. })
         ));
         let e = Cli::try_parse_from(["resil", "status", "-o", "yaml"]).unwrap_err();
         assert_eq!(e.exit_code(), 2);

@@ -1,73 +1,458 @@
-//! The configuration file (TOML): daemon settings and the default policy.
+//! The configuration file (TOML): daemon settings, the default policy, and named dependencies
+//! with their own settings.
 //!
-//! Unknown keys are errors, so a typo never silently falls back to a default.
+//! Values are checked while they are read, so every error names the file, the line, the key
+//! and what was expected; unknown keys are errors too, so a typo never silently falls back to a
+//! default.
 
-use std::{path::Path, time::Duration};
+use std::{
+    collections::HashMap,
+    fmt,
+    marker::PhantomData,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::Result;
-use serde::Deserialize;
+use serde::{de, Deserialize, Deserializer};
+use toml::Spanned;
 
-use crate::error::usage;
+use crate::{
+    breaker::{FailureKind, FailureSet, Mode, WindowPolicy},
+    error::usage,
+    policy::{Dependency, EndpointPattern, Policies, Policy},
+};
 
-/// The configuration compiled into the binary, used when no file is given or present.
+/// The embedded configuration: the built-in defaults written out, for reference.
 pub const EMBEDDED: &str = include_str!("default.toml");
 
 /// Where the daemon looks for a configuration file when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/resil/resil.toml";
 
-/// The whole configuration file.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    /// Settings of the daemon itself.
-    #[serde(default)]
-    pub daemon: DaemonConfig,
-    /// The policy that applies to every endpoint.
-    #[serde(default)]
-    pub defaults: Policy,
-}
-
-/// `[daemon]`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DaemonConfig {
-    /// How often the kernel's counters are read.
-    #[serde(with = "humantime_serde")]
+    /// How often the daemon reads the kernel's counters and ticks the breakers.
     pub tick: Duration,
+    /// Defaults and dependencies.
+    pub policies: Policies,
+    /// Where it came from (a file, or the embedded defaults), for messages and reloads.
+    pub source: Source,
 }
 
-impl Default for DaemonConfig {
-    fn default() -> Self {
-        Self {
-            tick: Duration::from_millis(100),
+/// Where a configuration came from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    Embedded,
+    File(PathBuf),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Embedded => f.write_str("the embedded defaults"),
+            Source::File(path) => write!(f, "{}", path.display()),
         }
     }
 }
 
-/// Per-endpoint policy.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Policy {
-    /// A handshake unanswered for this long counts as a timeout.
-    #[serde(with = "humantime_serde")]
-    pub connect_timeout: Duration,
+// ---- Values that check themselves while being read ------------------------------------------
+
+/// A duration between `MIN_MS` and `MAX_MS` milliseconds, written like "500ms" or "2m".
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dur<const MIN_MS: u64, const MAX_MS: u64>(pub Duration);
+
+fn human_ms(ms: u64) -> String {
+    humantime::format_duration(Duration::from_millis(ms)).to_string()
 }
 
-impl Default for Policy {
-    fn default() -> Self {
-        Self {
-            connect_timeout: Duration::from_secs(1),
+impl<'de, const MIN_MS: u64, const MAX_MS: u64> Deserialize<'de> for Dur<MIN_MS, MAX_MS> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let expected = || {
+            format!(
+                "expected a duration from {} to {} like \"500ms\" or \"2s\"",
+                human_ms(MIN_MS),
+                human_ms(MAX_MS)
+            )
+        };
+        let text = String::deserialize(d).map_err(|_| de::Error::custom(expected()))?;
+        let value = humantime::parse_duration(&text)
+            .map_err(|_| de::Error::custom(format!("{}, not \"{text}\"", expected())))?;
+        if value < Duration::from_millis(MIN_MS) || value > Duration::from_millis(MAX_MS) {
+            return Err(de::Error::custom(format!("{}, not \"{text}\"", expected())));
+        }
+        Ok(Dur(value))
+    }
+}
+
+/// A whole number from `MIN` to `MAX`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Count<const MIN: u32, const MAX: u32>(pub u32);
+
+impl<'de, const MIN: u32, const MAX: u32> Deserialize<'de> for Count<MIN, MAX> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let expected = format!("expected a whole number from {MIN} to {MAX}");
+        let value = i64::deserialize(d).map_err(|_| de::Error::custom(&expected))?;
+        if value < MIN as i64 || value > MAX as i64 {
+            return Err(de::Error::custom(format!("{expected}, not {value}")));
+        }
+        Ok(Count(value as u32))
+    }
+}
+
+/// A number in a closed range, described by `R`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ranged<R>(pub f64, PhantomData<R>);
+
+/// The bounds of a [`Ranged`] number.
+pub trait Range {
+    const MIN: f64;
+    const MAX: f64;
+    /// Whether MIN itself is excluded.
+    const ABOVE_MIN: bool = false;
+}
+
+/// A rate or threshold: above 0, at most 1.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Threshold;
+impl Range for Threshold {
+    const MIN: f64 = 0.0;
+    const MAX: f64 = 1.0;
+    const ABOVE_MIN: bool = true;
+}
+
+/// A fraction from 0 to 1.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Fraction;
+impl Range for Fraction {
+    const MIN: f64 = 0.0;
+    const MAX: f64 = 1.0;
+}
+
+/// A growth factor from 1 to 10.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Factor;
+impl Range for Factor {
+    const MIN: f64 = 1.0;
+    const MAX: f64 = 10.0;
+}
+
+impl<'de, R: Range> Deserialize<'de> for Ranged<R> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let expected = if R::ABOVE_MIN {
+            format!("expected a number above {} and at most {}", R::MIN, R::MAX)
+        } else {
+            format!("expected a number from {} to {}", R::MIN, R::MAX)
+        };
+        let value = f64::deserialize(d).map_err(|_| de::Error::custom(&expected))?;
+        let low = if R::ABOVE_MIN {
+            value <= R::MIN
+        } else {
+            value < R::MIN
+        };
+        if low || value > R::MAX || value.is_nan() {
+            return Err(de::Error::custom(format!("{expected}, not {value}")));
+        }
+        Ok(Ranged(value, PhantomData))
+    }
+}
+
+impl<'de> Deserialize<'de> for EndpointPattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d).map_err(|_| {
+            de::Error::custom("expected an endpoint like \"10.0.3.7:5432\", \"10.0.4.0/24:5432\" or \"[fd00::/64]:443\"")
+        })?;
+        text.parse().map_err(de::Error::custom)
+    }
+}
+
+/// `sliding_window`.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum WindowKind {
+    Time,
+    Count,
+}
+
+// ---- The file's shape -------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    daemon: DaemonKeys,
+    defaults: Option<Spanned<PolicyKeys>>,
+    #[serde(default, rename = "dependency")]
+    dependencies: Vec<DependencyKeys>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DaemonKeys {
+    tick: Option<Dur<10, 10_000>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DependencyKeys {
+    name: Spanned<String>,
+    endpoints: Vec<Spanned<EndpointPattern>>,
+    #[serde(default)]
+    policy: PolicyKeys,
+}
+
+/// Every policy key, all optional: what a table sets over what it inherits.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyKeys {
+    connect_timeout: Option<Dur<10, 600_000>>,
+    mode: Option<Mode>,
+    failures: Option<Vec<FailureKind>>,
+    failure_rate_threshold: Option<Ranged<Threshold>>,
+    minimum_calls: Option<Count<1, 100_000>>,
+    consecutive_failures: Option<Count<0, 100_000>>,
+    slow_call_duration: Option<Dur<1, 600_000>>,
+    slow_call_rate_threshold: Option<Ranged<Threshold>>,
+    sliding_window: Option<WindowKind>,
+    window_duration: Option<Dur<100, 3_600_000>>,
+    window_buckets: Option<Count<1, 1_000>>,
+    window_calls: Option<Count<1, 100_000>>,
+    open_wait: Option<Dur<10, 3_600_000>>,
+    open_wait_max: Option<Dur<10, 86_400_000>>,
+    open_wait_multiplier: Option<Ranged<Factor>>,
+    open_wait_jitter: Option<Ranged<Fraction>>,
+    backoff_decay: Option<Dur<0, 86_400_000>>,
+    half_open_probes: Option<Count<1, 1_000>>,
+    half_open_max_duration: Option<Dur<0, 3_600_000>>,
+}
+
+fn ns(d: Duration) -> u64 {
+    d.as_nanos().min(u64::MAX as u128) as u64
+}
+
+impl PolicyKeys {
+    /// `base` with this table's keys applied; `what` names the table in errors.
+    fn apply(&self, base: &Policy) -> Result<Policy, String> {
+        let mut p = *base;
+        let b = &mut p.breaker;
+        if let Some(Dur(v)) = self.connect_timeout {
+            p.connect_timeout = v;
+        }
+        if let Some(v) = self.mode {
+            b.mode = v;
+        }
+        if let Some(kinds) = &self.failures {
+            b.failures = FailureSet::of(kinds);
+        }
+        if let Some(Ranged(v, _)) = self.failure_rate_threshold {
+            b.failure_rate_threshold = v;
+        }
+        if let Some(Count(v)) = self.minimum_calls {
+            b.minimum_calls = v;
+        }
+        if let Some(Count(v)) = self.consecutive_failures {
+            b.consecutive_failures = v;
+        }
+        if let Some(Dur(v)) = self.slow_call_duration {
+            b.slow_call_ns = ns(v);
+        }
+        if let Some(Ranged(v, _)) = self.slow_call_rate_threshold {
+            b.slow_call_rate_threshold = v;
+        }
+        b.window = self.window(b.window)?;
+        if let Some(Dur(v)) = self.open_wait {
+            b.backoff.base_ns = ns(v);
+        }
+        if let Some(Dur(v)) = self.open_wait_max {
+            b.backoff.max_ns = ns(v);
+        }
+        if let Some(Ranged(v, _)) = self.open_wait_multiplier {
+            b.backoff.multiplier = v;
+        }
+        if let Some(Ranged(v, _)) = self.open_wait_jitter {
+            b.backoff.jitter = v;
+        }
+        if let Some(Dur(v)) = self.backoff_decay {
+            b.backoff.decay_ns = ns(v);
+        }
+        if let Some(Count(v)) = self.half_open_probes {
+            b.half_open_probes = v;
+        }
+        if let Some(Dur(v)) = self.half_open_max_duration {
+            b.half_open_max_ns = ns(v);
+        }
+        if b.backoff.base_ns > b.backoff.max_ns {
+            return Err(format!(
+                "open_wait ({}) is longer than open_wait_max ({})",
+                humantime::format_duration(Duration::from_nanos(b.backoff.base_ns)),
+                humantime::format_duration(Duration::from_nanos(b.backoff.max_ns)),
+            ));
+        }
+        Ok(p)
+    }
+
+    /// The window after this table's keys; keys of the other window kind are errors.
+    fn window(&self, inherited: WindowPolicy) -> Result<WindowPolicy, String> {
+        let kind = match (self.sliding_window, inherited) {
+            (Some(kind), _) => kind,
+            (None, WindowPolicy::Time { .. }) => WindowKind::Time,
+            (None, WindowPolicy::Count { .. }) => WindowKind::Count,
+        };
+        match kind {
+            WindowKind::Time => {
+                if self.window_calls.is_some() {
+                    return Err(
+                        "window_calls applies to sliding_window = \"count\", not \"time\"".into(),
+                    );
+                }
+                let (mut duration_ns, mut buckets) = match inherited {
+                    WindowPolicy::Time {
+                        duration_ns,
+                        buckets,
+                    } => (duration_ns, buckets),
+                    WindowPolicy::Count { .. } => (10 * 1_000_000_000, 10),
+                };
+                if let Some(Dur(d)) = self.window_duration {
+                    duration_ns = ns(d);
+                }
+                if let Some(Count(n)) = self.window_buckets {
+                    buckets = n;
+                }
+                if duration_ns / (buckets as u64) < 1_000_000 {
+                    return Err(format!(
+                        "window_duration split into {buckets} window_buckets gives buckets under 1ms"
+                    ));
+                }
+                Ok(WindowPolicy::Time {
+                    duration_ns,
+                    buckets,
+                })
+            }
+            WindowKind::Count => {
+                if self.window_duration.is_some() || self.window_buckets.is_some() {
+                    return Err("window_duration and window_buckets apply to sliding_window = \"time\", not \"count\"".into());
+                }
+                let calls = match (self.window_calls, inherited) {
+                    (Some(Count(n)), _) => n,
+                    (None, WindowPolicy::Count { calls }) => calls,
+                    (None, WindowPolicy::Time { .. }) => 100,
+                };
+                Ok(WindowPolicy::Count { calls })
+            }
         }
     }
+}
+
+// ---- Reading and checking ---------------------------------------------------------------------
+
+/// 1-based line of a byte offset.
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// The key on a line (`key = value`), if any.
+fn key_on_line(text: &str, line: usize) -> Option<String> {
+    let l = text.lines().nth(line.checked_sub(1)?)?;
+    let (key, _) = l.split_once('=')?;
+    let key = key.trim();
+    (!key.is_empty() && !key.starts_with('[')).then(|| key.to_string())
 }
 
 impl Config {
-    /// Parses and validates configuration text; `origin` names it in errors.
-    pub fn parse(text: &str, origin: &str) -> Result<Config> {
-        let config: Config = toml::from_str(text)
-            .map_err(|e| usage(format!("invalid configuration in {origin}: {e}")))?;
-        config.validate(origin)?;
-        Ok(config)
+    /// Parses and validates configuration text; `source` names it in errors.
+    pub fn parse(text: &str, source: Source) -> Result<Config> {
+        let file: File = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| line_of(text, s.start));
+            let key = line.and_then(|l| key_on_line(text, l));
+            let message = e.message().trim_end_matches('\n').replace('\n', " ");
+            let at = match (line, key) {
+                (Some(line), Some(key)) => format!(" line {line}: {key}:"),
+                (Some(line), None) => format!(" line {line}:"),
+                _ => ":".to_string(),
+            };
+            usage(format!("invalid configuration in {source}{at} {message}"))
+        })?;
+        let fail = |offset: usize, message: String| {
+            usage(format!(
+                "invalid configuration in {source} line {}: {message}",
+                line_of(text, offset)
+            ))
+        };
+
+        let (default_keys, defaults_at) = match &file.defaults {
+            Some(keys) => (keys.get_ref().clone(), keys.span().start),
+            None => (PolicyKeys::default(), 0),
+        };
+        let defaults = default_keys
+            .apply(&Policy::default())
+            .map_err(|m| fail(defaults_at, format!("[defaults]: {m}")))?;
+        let mut dependencies: Vec<Dependency> = Vec::new();
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        // Every pattern with the dependency and line it came from, for the overlap check.
+        let mut patterns: Vec<(EndpointPattern, usize, usize)> = Vec::new();
+        for keys in &file.dependencies {
+            let name = keys.name.get_ref().trim().to_string();
+            let at = keys.name.span().start;
+            if name.is_empty() {
+                return Err(fail(
+                    at,
+                    "dependency name: expected a non-empty name".into(),
+                ));
+            }
+            if let Some(first) = seen.insert(name.clone(), line_of(text, at)) {
+                return Err(fail(
+                    at,
+                    format!("dependency {name}: the name is already used on line {first}"),
+                ));
+            }
+            if keys.endpoints.is_empty() {
+                return Err(fail(
+                    at,
+                    format!("dependency {name}: endpoints: expected at least one endpoint"),
+                ));
+            }
+            let policy = keys
+                .policy
+                .apply(&defaults)
+                .map_err(|m| fail(at, format!("dependency {name}: {m}")))?;
+            for pattern in &keys.endpoints {
+                patterns.push((*pattern.get_ref(), dependencies.len(), pattern.span().start));
+            }
+            dependencies.push(Dependency {
+                name,
+                endpoints: keys.endpoints.iter().map(|p| *p.get_ref()).collect(),
+                policy,
+            });
+        }
+        // Two dependencies claiming the very same endpoints with different settings: no
+        // "most specific" rule can choose, so refuse.
+        for (i, (a, dep_a, _)) in patterns.iter().enumerate() {
+            for (b, dep_b, at_b) in &patterns[i + 1..] {
+                if a == b
+                    && dep_a != dep_b
+                    && dependencies[*dep_a].policy != dependencies[*dep_b].policy
+                {
+                    return Err(fail(
+                        *at_b,
+                        format!(
+                            "dependencies {} and {} both claim {a} with different settings; merge them or make one more specific",
+                            dependencies[*dep_a].name, dependencies[*dep_b].name
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(Config {
+            tick: file
+                .daemon
+                .tick
+                .map_or(Duration::from_millis(100), |Dur(d)| d),
+            policies: Policies {
+                defaults,
+                dependencies,
+            },
+            source,
+        })
     }
 
     /// Reads the file at `path`, or the default location, or the embedded defaults.
@@ -75,7 +460,7 @@ impl Config {
         let path = match path {
             Some(path) => path,
             None if Path::new(DEFAULT_PATH).exists() => Path::new(DEFAULT_PATH),
-            None => return Config::parse(EMBEDDED, "the embedded defaults"),
+            None => return Config::parse(EMBEDDED, Source::Embedded),
         };
         let text = std::fs::read_to_string(path).map_err(|e| {
             usage(format!(
@@ -83,69 +468,17 @@ impl Config {
                 path.display()
             ))
         })?;
-        Config::parse(&text, &path.display().to_string())
+        Config::parse(&text, Source::File(path.to_path_buf()))
     }
 
-    fn validate(&self, origin: &str) -> Result<()> {
-        let tick = self.daemon.tick;
-        if tick < Duration::from_millis(10) || tick > Duration::from_secs(10) {
-            return Err(usage(format!(
-                "invalid configuration in {origin}: daemon.tick is {tick:?}, expected 10ms to 10s"
-            )));
+    /// Reads the same source again (for SIGHUP).
+    pub fn reload(&self) -> Result<Config> {
+        match &self.source {
+            Source::Embedded => Config::load(None),
+            Source::File(path) => Config::load(Some(path)),
         }
-        let timeout = self.defaults.connect_timeout;
-        if timeout < Duration::from_millis(10) || timeout > Duration::from_secs(600) {
-            return Err(usage(format!(
-                "invalid configuration in {origin}: defaults.connect_timeout is {timeout:?}, expected 10ms to 10min"
-            )));
-        }
-        Ok(())
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::error::exit_code;
-
-    #[test]
-    fn embedded_defaults_parse_to_the_documented_values() {
-        let config = Config::parse(EMBEDDED, "embedded").unwrap();
-        assert_eq!(config.daemon.tick, Duration::from_millis(100));
-        assert_eq!(config.defaults.connect_timeout, Duration::from_secs(1));
-        assert_eq!(Config::parse("", "empty").unwrap(), config);
-    }
-
-    #[test]
-    fn errors_name_origin_line_and_field() {
-        let e = Config::parse("[daemon]\ntick = \"100ms\"\ntickk = 3\n", "x.toml").unwrap_err();
-        let text = format!("{e:#}");
-        assert!(
-            text.contains("x.toml") && text.contains("tickk") && text.contains("line 3"),
-            "{text}"
-        );
-        assert_eq!(exit_code(&e), 2);
-
-        let e = Config::parse("[defaults]\nconnect_timeout = \"soon\"\n", "y.toml").unwrap_err();
-        let text = format!("{e:#}");
-        assert!(
-            text.contains("y.toml") && text.contains("connect_timeout"),
-            "{text}"
-        );
-
-        let e = Config::parse("[daemon]\ntick = \"1ms\"\n", "z.toml").unwrap_err();
-        let text = format!("{e:#}");
-        assert!(
-            text.contains("daemon.tick") && text.contains("expected"),
-            "{text}"
-        );
-        assert_eq!(exit_code(&e), 2);
-    }
-
-    #[test]
-    fn a_missing_file_is_a_usage_error() {
-        let e = Config::load(Some(Path::new("/nonexistent/resil.toml"))).unwrap_err();
-        assert_eq!(exit_code(&e), 2);
-        assert!(format!("{e:#}").contains("/nonexistent/resil.toml"));
-    }
-}
+mod tests;

@@ -5,8 +5,8 @@ use std::{os::fd::AsRawFd, path::PathBuf, rc::Rc, time::Duration};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::maps::{MapData, RingBuf};
-use log::{info, warn, LevelFilter};
-use resil_common::maps::{Direction, Health};
+use log::{error, info, warn, LevelFilter};
+use resil_common::maps::{Direction, HandshakeEvent, HandshakeKind, Health};
 use tokio::{
     io::{unix::AsyncFd, Interest},
     signal::unix::{signal, SignalKind},
@@ -14,19 +14,23 @@ use tokio::{
 };
 
 use crate::{
-    api::{Request, Response, Server, StatusReport},
+    api::{EndpointStatus, EventsReport, Request, Response, Server, StatusReport},
+    breaker::{FailureKind, Outcome, Recorded, Ticket},
+    circuits::Circuits,
     clock::monotonic_ns,
     collector::{self, Collector},
     config::Config,
     endpoints::EndpointTable,
     error::usage,
-    handshakes::{HandshakeTracker, Outcome},
+    handshakes::ConnDeadlines,
     netinfo,
     probes::Probes,
 };
 
 /// Handshakes the daemon follows at once, at most.
 const MAX_PENDING_HANDSHAKES: usize = 262_144;
+/// How long a completed handshake may still turn into a failure (reset before any reply).
+const RESET_HORIZON_NS: u64 = 30_000_000_000;
 
 /// What `resil daemon` was asked to do.
 #[derive(Debug, Clone)]
@@ -79,30 +83,91 @@ fn resolve_interfaces(asked: &[String]) -> Result<Vec<String>> {
 
 /// The daemon's in-memory state, owned by the agent loop alone.
 struct Agent {
+    config: Config,
     endpoints: EndpointTable,
-    handshakes: HandshakeTracker,
+    circuits: Circuits,
+    /// Outbound handshakes waiting for an answer, with their breaker tickets.
+    handshakes: ConnDeadlines<Ticket>,
+    /// Recent successes a reset before reply may still amend.
+    successes: ConnDeadlines<Recorded>,
     /// Handshake-table overflows already logged.
     reported_overflow: u64,
 }
 
 impl Agent {
     fn new(config: Config) -> Self {
-        let timeout_ns = config.defaults.connect_timeout.as_nanos() as u64;
         Agent {
+            config,
             endpoints: EndpointTable::default(),
-            handshakes: HandshakeTracker::new(timeout_ns, MAX_PENDING_HANDSHAKES),
+            circuits: Circuits::default(),
+            handshakes: ConnDeadlines::new(MAX_PENDING_HANDSHAKES),
+            successes: ConnDeadlines::new(MAX_PENDING_HANDSHAKES),
             reported_overflow: 0,
         }
     }
 
-    fn on_handshake(&mut self, event: resil_common::maps::HandshakeEvent) {
-        if let Some((conn, outcome)) = self.handshakes.on_event(&event) {
-            self.endpoints
-                .record(conn.endpoint(Direction::Outbound), outcome);
+    fn on_handshake(&mut self, event: HandshakeEvent) {
+        let Some(kind) = HandshakeKind::from_u8(event.kind) else {
+            return;
+        };
+        let conn = event.conn;
+        let endpoint = conn.endpoint(Direction::Outbound);
+        let now = monotonic_ns();
+        let failure = match kind {
+            HandshakeKind::Started => {
+                let (ticket, connect_timeout) =
+                    self.circuits.admit(endpoint, now, &self.config.policies);
+                let deadline = event
+                    .ts_ns
+                    .saturating_add(connect_timeout.as_nanos() as u64);
+                self.handshakes.insert(conn, deadline, ticket);
+                return;
+            }
+            HandshakeKind::Established => {
+                self.endpoints.record_latency(endpoint, event.latency_ns);
+                if let Some(ticket) = self.handshakes.remove(&conn) {
+                    let outcome = Outcome::Success {
+                        latency_ns: event.latency_ns,
+                    };
+                    if let Some(recorded) = self.circuits.record(endpoint, now, ticket, outcome) {
+                        self.successes
+                            .insert(conn, now.saturating_add(RESET_HORIZON_NS), recorded);
+                    }
+                }
+                return;
+            }
+            HandshakeKind::ResetBeforeReply => {
+                if let Some(recorded) = self.successes.remove(&conn) {
+                    self.circuits.amend_reset(endpoint, now, recorded);
+                }
+                return;
+            }
+            HandshakeKind::Refused => FailureKind::Refused,
+            HandshakeKind::Unreachable => FailureKind::Unreachable,
+        };
+        // A late answer to a handshake already timed out settles nothing new.
+        if let Some(ticket) = self.handshakes.remove(&conn) {
+            self.circuits
+                .record(endpoint, now, ticket, Outcome::Failure(failure));
         }
     }
 
     fn tick(&mut self, collector: &mut Collector) {
+        collector.each_endpoint(|key, stats| self.endpoints.absorb(key, stats));
+        let now = monotonic_ns();
+        for (conn, ticket) in self.handshakes.expire(now) {
+            let endpoint = conn.endpoint(Direction::Outbound);
+            self.endpoints.record_timeout(endpoint);
+            self.circuits.record(
+                endpoint,
+                now,
+                ticket,
+                Outcome::Failure(FailureKind::Timeout),
+            );
+        }
+        self.successes.expire(now);
+        self.circuits.tick(now);
+        self.endpoints.end_tick();
         let overflowed = self.handshakes.overflowed;
         if overflowed > self.reported_overflow {
             warn!(
@@ -111,12 +176,6 @@ impl Agent {
             );
             self.reported_overflow = overflowed;
         }
-        collector.each_endpoint(|key, stats| self.endpoints.absorb(key, stats));
-        for conn in self.handshakes.expire(monotonic_ns()) {
-            self.endpoints
-                .record(conn.endpoint(Direction::Outbound), Outcome::Timeout);
-        }
-        self.endpoints.end_tick();
         for (slot, grew) in collector.health_increases() {
             match slot {
                 Health::ConnInsertFailed => warn!(
@@ -133,12 +192,48 @@ impl Agent {
         }
     }
 
+    /// SIGHUP: read the configuration again; keep the old one if the new one is invalid.
+    fn reload(&mut self) {
+        match self.config.reload() {
+            Ok(config) => {
+                self.circuits.apply(&config.policies);
+                info!(
+                    "configuration reloaded from {} ({} dependencies)",
+                    config.source,
+                    config.policies.dependencies.len()
+                );
+                self.config = config;
+            }
+            Err(e) => error!("configuration not reloaded, the previous one stays in force: {e:#}"),
+        }
+    }
+
     fn answer(&self, request: Request) -> Response {
         match request {
             Request::Status => Response::Status(StatusReport {
-                endpoints: self.endpoints.status(),
+                endpoints: self.status(),
+            }),
+            Request::Events => Response::Events(EventsReport {
+                events: self.circuits.history(),
             }),
         }
+    }
+
+    fn status(&self) -> Vec<EndpointStatus> {
+        let now = monotonic_ns();
+        self.endpoints
+            .status()
+            .into_iter()
+            .map(|(key, mut status)| {
+                if let Some(circuit) = self.circuits.get(&key) {
+                    status.state = circuit.breaker.reported_state().to_string();
+                    status.failure_rate = circuit.breaker.failure_rate(now);
+                    status.reason = circuit.breaker.reason().map(ToString::to_string);
+                    status.dependency = circuit.dependency.clone();
+                }
+                status
+            })
+            .collect()
     }
 }
 
@@ -167,13 +262,15 @@ async fn agent(config: Config, interfaces: Vec<String>, options: DaemonOptions) 
         let server = Rc::clone(&server);
         tokio::task::spawn_local(async move { server.serve(requests_tx).await })
     };
-    let mut tick = tokio::time::interval(config.daemon.tick);
+    let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let mut tick = tokio::time::interval(config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut agent = Agent::new(config);
     info!(
-        "resil daemon observing {} (socket {})",
+        "resil daemon observing {} (socket {}, configuration from {})",
         interfaces.join(", "),
-        options.socket.display()
+        options.socket.display(),
+        agent.config.source
     );
 
     loop {
@@ -196,6 +293,7 @@ async fn agent(config: Config, interfaces: Vec<String>, options: DaemonOptions) 
             Some((request, reply)) = requests.recv() => {
                 let _ = reply.send(agent.answer(request));
             }
+            _ = hangup.recv() => agent.reload(),
             _ = interrupt.recv() => { info!("SIGINT: detaching and exiting"); break; }
             _ = terminate.recv() => { info!("SIGTERM: detaching and exiting"); break; }
         }

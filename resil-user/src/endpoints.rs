@@ -18,10 +18,7 @@ use resil_common::{
     maps::{Direction, EndpointKey, EndpointStats, FAMILY_IPV4},
 };
 
-use crate::{
-    api::{EndpointStatus, Latency, Side},
-    handshakes::Outcome,
-};
+use crate::api::{EndpointStatus, Latency, Side};
 
 /// Figures of one endpoint.
 #[derive(Debug, Clone, Default)]
@@ -133,26 +130,28 @@ impl EndpointTable {
         e.last = *now;
     }
 
-    /// Records how a handshake to an endpoint ended: timeouts (which the kernel cannot see)
-    /// and the latency of completed handshakes.
-    pub fn record(&mut self, key: EndpointKey, outcome: Outcome) {
+    /// A handshake to the endpoint got no answer within its connect timeout (the kernel
+    /// cannot see that).
+    pub fn record_timeout(&mut self, key: EndpointKey) {
         let e = self.endpoints.entry(key).or_default();
-        match outcome {
-            Outcome::Timeout => e.timeouts += 1,
-            Outcome::Established { latency_ns } => {
-                e.latency.record_us(latency_ns / 1_000);
-            }
-            _ => return,
-        }
+        e.timeouts += 1;
         e.last_change = self.tick;
     }
 
-    /// Status of every endpoint, sorted by direction then address.
-    pub fn status(&self) -> Vec<EndpointStatus> {
+    /// A handshake to the endpoint completed in `latency_ns`.
+    pub fn record_latency(&mut self, key: EndpointKey, latency_ns: u64) {
+        let e = self.endpoints.entry(key).or_default();
+        e.latency.record_us(latency_ns / 1_000);
+        e.last_change = self.tick;
+    }
+
+    /// Status of every endpoint, sorted by direction then address, with its key. The breaker
+    /// fields are those of an endpoint without a circuit; the caller fills them in.
+    pub fn status(&self) -> Vec<(EndpointKey, EndpointStatus)> {
         let mut keys: Vec<&EndpointKey> = self.endpoints.keys().collect();
         keys.sort_by_key(|k| (k.direction, socket_addr(k)));
         keys.into_iter()
-            .map(|key| status_of(key, &self.endpoints[key]))
+            .map(|key| (*key, status_of(key, &self.endpoints[key])))
             .collect()
     }
 }
@@ -174,10 +173,6 @@ pub fn socket_addr(key: &EndpointKey) -> SocketAddr {
 
 fn status_of(key: &EndpointKey, e: &Endpoint) -> EndpointStatus {
     let t = &e.total;
-    // Until the breaker's windows exist, the rate is over everything seen so far.
-    let failures = t.refused + e.timeouts + t.unreachable;
-    let outcomes = t.established + failures;
-    let failure_rate = (outcomes > 0).then(|| failures as f64 / outcomes as f64);
     let connect_latency_us = e
         .latency
         .quantile_us(0.5)
@@ -203,8 +198,10 @@ fn status_of(key: &EndpointKey, e: &Endpoint) -> EndpointStatus {
         syn_retransmits: t.syn_retransmits,
         retransmits: t.retransmits,
         fast_failed: 0,
-        failure_rate,
+        failure_rate: None,
         connect_latency_us,
+        reason: None,
+        dependency: None,
     }
 }
 
@@ -258,7 +255,7 @@ mod tests {
             ..EndpointStats::ZERO
         };
         table.absorb(k, &raw);
-        assert_eq!(table.status()[0].attempts, 16);
+        assert_eq!(table.status()[0].1.attempts, 16);
     }
 
     #[test]
@@ -294,30 +291,18 @@ mod tests {
     }
 
     #[test]
-    fn rates_and_latency() {
+    fn timeouts_and_latency() {
         let mut table = EndpointTable::default();
         let k = key(FAMILY_IPV4);
         assert!(table.is_empty());
-        table.record(k, Outcome::Timeout);
-        let s = &table.status()[0];
-        assert_eq!((s.timeouts, s.failure_rate), (1, Some(1.0)));
+        table.record_timeout(k);
+        let s = &table.status()[0].1;
+        assert_eq!(s.timeouts, 1);
         assert!(s.connect_latency_us.is_none());
-        let raw = EndpointStats {
-            established: 3,
-            ..EndpointStats::ZERO
-        };
-        table.absorb(k, &raw);
         for _ in 0..3 {
-            table.record(
-                k,
-                Outcome::Established {
-                    latency_ns: 100_000,
-                },
-            );
+            table.record_latency(k, 100_000);
         }
-        let s = &table.status()[0];
-        assert_eq!(s.failure_rate, Some(0.25));
-        let latency = s.connect_latency_us.unwrap();
+        let latency = table.status()[0].1.connect_latency_us.unwrap();
         assert!((64.0..=128.0).contains(&latency.p50), "{latency:?}");
     }
 }

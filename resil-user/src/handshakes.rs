@@ -1,105 +1,85 @@
-//! Outbound handshakes in flight, from the kernel's handshake events: each one ends with an
-//! outcome, or as a timeout when nothing answers within the connect timeout.
+//! Connections waiting for something, each with a deadline: outbound handshakes waiting for
+//! an answer (past the deadline they are timeouts), and recent successes that a reset before
+//! any reply may still turn into failures.
 //!
-//! Pure and clock-injected: every call takes "now" in CLOCK_MONOTONIC nanoseconds.
+//! Pure and clock-injected: every call takes times in CLOCK_MONOTONIC nanoseconds.
 
-use std::collections::{HashMap, VecDeque};
+use std::{
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap},
+};
 
-use resil_common::maps::{ConnKey, HandshakeEvent, HandshakeKind};
+use resil_common::maps::ConnKey;
 
-/// How one connection attempt ended, as the breaker will see it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// The handshake completed, in this many nanoseconds.
-    Established { latency_ns: u64 },
-    /// The endpoint answered the SYN with a RST.
-    Refused,
-    /// No answer within the connect timeout.
-    Timeout,
-    /// ICMP destination unreachable.
-    Unreachable,
-    /// Reset by the peer before it sent any data.
-    ResetBeforeReply,
-}
-
-/// Pending handshakes, bounded in number.
+/// Connections with a deadline and a payload, bounded in number.
 #[derive(Debug)]
-pub struct HandshakeTracker {
-    timeout_ns: u64,
+pub struct ConnDeadlines<T> {
     capacity: usize,
-    pending: HashMap<ConnKey, u64>,
-    /// Start times in arrival order; entries already resolved are skipped lazily.
-    order: VecDeque<(u64, ConnKey)>,
-    /// Handshakes dropped because the table was full.
+    entries: HashMap<ConnKey, (u64, T)>,
+    /// (deadline, key); entries settled or restarted since are skipped lazily.
+    queue: BinaryHeap<Reverse<(u64, ConnKey)>>,
+    /// Entries refused because the table was full.
     pub overflowed: u64,
 }
 
-impl HandshakeTracker {
-    /// A tracker that times handshakes out after `timeout_ns` and holds at most `capacity`.
-    pub fn new(timeout_ns: u64, capacity: usize) -> Self {
+impl<T> ConnDeadlines<T> {
+    /// An empty table holding at most `capacity` connections.
+    pub fn new(capacity: usize) -> Self {
         Self {
-            timeout_ns,
-            capacity,
-            pending: HashMap::new(),
-            order: VecDeque::new(),
+            capacity: capacity.max(1),
+            entries: HashMap::new(),
+            queue: BinaryHeap::new(),
             overflowed: 0,
         }
     }
 
-    /// Changes the timeout for handshakes not yet expired.
-    pub fn set_timeout_ns(&mut self, timeout_ns: u64) {
-        self.timeout_ns = timeout_ns;
+    /// Connections waiting.
+    pub fn len(&self) -> usize {
+        self.entries.len()
     }
 
-    /// Handshakes in flight.
-    pub fn pending(&self) -> usize {
-        self.pending.len()
+    /// Whether none is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 
-    /// Feeds one kernel event; returns the outcome it settles, if any. An outcome for a
-    /// handshake already timed out (or never seen starting) still counts: the kernel saw it.
-    pub fn on_event(&mut self, event: &HandshakeEvent) -> Option<(ConnKey, Outcome)> {
-        let kind = HandshakeKind::from_u8(event.kind)?;
-        let key = event.conn;
-        let outcome = match kind {
-            HandshakeKind::Started => {
-                if self.pending.len() >= self.capacity && !self.pending.contains_key(&key) {
-                    self.overflowed += 1;
-                    return None;
-                }
-                self.pending.insert(key, event.ts_ns);
-                self.order.push_back((event.ts_ns, key));
-                return None;
-            }
-            HandshakeKind::Established => Outcome::Established {
-                latency_ns: event.latency_ns,
-            },
-            HandshakeKind::Refused => Outcome::Refused,
-            HandshakeKind::Unreachable => Outcome::Unreachable,
-            HandshakeKind::ResetBeforeReply => return Some((key, Outcome::ResetBeforeReply)),
-        };
-        // A late answer to a handshake already counted as a timeout settles nothing new.
-        self.pending.remove(&key).map(|_| (key, outcome))
+    /// Starts waiting for `key` until `deadline_ns` (replacing an earlier wait for it).
+    /// Returns false, and counts an overflow, when the table is full.
+    pub fn insert(&mut self, key: ConnKey, deadline_ns: u64, payload: T) -> bool {
+        if self.entries.len() >= self.capacity && !self.entries.contains_key(&key) {
+            self.overflowed += 1;
+            return false;
+        }
+        self.entries.insert(key, (deadline_ns, payload));
+        self.queue.push(Reverse((deadline_ns, key)));
+        if self.queue.len() > 2 * self.capacity {
+            // Settled entries' stale deadlines: drop them so the heap stays bounded.
+            let entries = &self.entries;
+            self.queue
+                .retain(|Reverse((d, k))| entries.get(k).is_some_and(|(dl, _)| dl == d));
+        }
+        true
     }
 
-    /// Removes and returns every handshake started at least the timeout before `now_ns`.
-    pub fn expire(&mut self, now_ns: u64) -> Vec<ConnKey> {
+    /// Stops waiting for `key`; its payload if it was waiting.
+    pub fn remove(&mut self, key: &ConnKey) -> Option<T> {
+        self.entries.remove(key).map(|(_, payload)| payload)
+    }
+
+    /// Removes and returns every connection whose deadline is at or before `now_ns`.
+    pub fn expire(&mut self, now_ns: u64) -> Vec<(ConnKey, T)> {
         let mut expired = Vec::new();
-        while let Some(&(started, key)) = self.order.front() {
-            if now_ns.saturating_sub(started) < self.timeout_ns {
+        while let Some(&Reverse((deadline, key))) = self.queue.peek() {
+            if deadline > now_ns {
                 break;
             }
-            self.order.pop_front();
-            // Only if still pending with this very start (not resolved, not restarted later).
-            if self.pending.get(&key) == Some(&started) {
-                self.pending.remove(&key);
-                expired.push(key);
+            self.queue.pop();
+            // Only if still waiting with this very deadline (not settled, not restarted).
+            if self.entries.get(&key).is_some_and(|(d, _)| *d == deadline) {
+                if let Some((_, payload)) = self.entries.remove(&key) {
+                    expired.push((key, payload));
+                }
             }
-        }
-        // Keep the queue from growing with resolved entries when nothing expires for long.
-        if self.order.len() > 2 * self.capacity.max(1) {
-            let pending = &self.pending;
-            self.order.retain(|(t, k)| pending.get(k) == Some(t));
         }
         expired
     }
@@ -111,74 +91,69 @@ mod tests {
 
     const MS: u64 = 1_000_000;
 
-    fn event(port: u16, kind: HandshakeKind, ts_ns: u64) -> HandshakeEvent {
-        HandshakeEvent {
-            ts_ns,
-            latency_ns: 5,
-            conn: ConnKey {
-                local_port: port,
-                remote_port: 80,
-                ..ConnKey::default()
-            },
-            kind: kind as u8,
-            _pad: [0; 7],
+    fn key(port: u16) -> ConnKey {
+        ConnKey {
+            local_port: port,
+            remote_port: 80,
+            ..ConnKey::default()
         }
     }
 
     #[test]
-    fn outcomes_settle_pending_handshakes() {
-        let mut t = HandshakeTracker::new(1000 * MS, 10);
-        assert_eq!(t.on_event(&event(1, HandshakeKind::Started, 0)), None);
-        assert_eq!(t.pending(), 1);
-        let (_, outcome) = t
-            .on_event(&event(1, HandshakeKind::Established, MS))
-            .unwrap();
-        assert_eq!(outcome, Outcome::Established { latency_ns: 5 });
-        assert_eq!(t.pending(), 0);
+    fn removed_entries_never_expire() {
+        let mut t = ConnDeadlines::new(10);
+        t.insert(key(1), 1000 * MS, "a");
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.remove(&key(1)), Some("a"));
+        assert!(t.is_empty());
         assert!(t.expire(10_000 * MS).is_empty());
     }
 
     #[test]
-    fn timeout_boundary_is_inclusive_and_exact() {
-        let mut t = HandshakeTracker::new(1000 * MS, 10);
-        t.on_event(&event(1, HandshakeKind::Started, 100 * MS));
-        assert!(t.expire(1099 * MS).is_empty());
+    fn deadline_is_inclusive_and_exact() {
+        let mut t = ConnDeadlines::new(10);
+        t.insert(key(1), 1100 * MS, ());
+        assert!(t.expire(1100 * MS - 1).is_empty());
         assert_eq!(t.expire(1100 * MS).len(), 1);
         assert!(t.expire(5000 * MS).is_empty(), "expires once");
-        // The late answer does not settle it again.
-        assert_eq!(
-            t.on_event(&event(1, HandshakeKind::Established, 3000 * MS)),
-            None
-        );
+        assert_eq!(t.remove(&key(1)), None, "a late answer settles nothing");
     }
 
     #[test]
-    fn a_restarted_tuple_uses_its_new_start() {
-        let mut t = HandshakeTracker::new(1000 * MS, 10);
-        t.on_event(&event(1, HandshakeKind::Started, 0));
-        t.on_event(&event(1, HandshakeKind::Started, 800 * MS));
+    fn deadlines_may_differ_per_entry() {
+        let mut t = ConnDeadlines::new(10);
+        t.insert(key(1), 3000 * MS, 1);
+        t.insert(key(2), 500 * MS, 2);
+        assert_eq!(t.expire(1000 * MS), vec![(key(2), 2)]);
+        assert_eq!(t.expire(3000 * MS), vec![(key(1), 1)]);
+    }
+
+    #[test]
+    fn a_restarted_entry_uses_its_new_deadline() {
+        let mut t = ConnDeadlines::new(10);
+        t.insert(key(1), 1000 * MS, 1);
+        t.insert(key(1), 1800 * MS, 2);
         assert!(t.expire(1000 * MS).is_empty());
-        assert_eq!(t.expire(1800 * MS).len(), 1);
+        assert_eq!(t.expire(1800 * MS), vec![(key(1), 2)]);
     }
 
     #[test]
     fn capacity_is_bounded() {
-        let mut t = HandshakeTracker::new(1000 * MS, 2);
+        let mut t = ConnDeadlines::new(2);
         for port in 0..5 {
-            t.on_event(&event(port, HandshakeKind::Started, 0));
+            t.insert(key(port), 0, ());
         }
-        assert_eq!(t.pending(), 2);
+        assert_eq!(t.len(), 2);
         assert_eq!(t.overflowed, 3);
     }
 
     #[test]
-    fn resolved_entries_do_not_pile_up() {
-        let mut t = HandshakeTracker::new(u64::MAX, 4);
+    fn settled_entries_do_not_pile_up() {
+        let mut t = ConnDeadlines::new(4);
         for i in 0..1000u64 {
-            t.on_event(&event(1, HandshakeKind::Started, i));
-            t.on_event(&event(1, HandshakeKind::Refused, i));
-            t.expire(i);
+            t.insert(key(1), u64::MAX - i, ());
+            t.remove(&key(1));
         }
-        assert!(t.order.len() <= 9);
+        assert!(t.queue.len() <= 9);
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod breaker;
+pub mod circuits;
 pub mod cli;
 pub mod clock;
 pub mod collector;
@@ -17,4 +18,5 @@ pub mod error;
 pub mod handshakes;
 pub mod netinfo;
 pub mod output;
+pub mod policy;
 pub mod probes;

@@ -3,7 +3,13 @@
 use clap::ValueEnum;
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Cell, CellAlignment, Table};
 
-use crate::api::{EndpointStatus, Side, StatusReport};
+use std::net::SocketAddr;
+
+use crate::{
+    api::{EndpointStatus, EventsReport, Side, StatusReport},
+    config::Config,
+    policy::PolicyView,
+};
 
 /// `-o table|json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -18,8 +24,7 @@ pub enum Format {
 /// `resil status` output.
 pub fn status(report: &StatusReport, format: Format) -> String {
     match format {
-        Format::Json => serde_json::to_string_pretty(report)
-            .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
+        Format::Json => json(report),
         Format::Table => status_table(&report.endpoints),
     }
 }
@@ -57,7 +62,8 @@ fn status_table(endpoints: &[EndpointStatus]) -> String {
             format!("{}/{}", e.resets_in, e.resets_out),
             (e.syn_retransmits + e.retransmits).to_string(),
         ];
-        let mut row = vec![Cell::new(&e.endpoint), Cell::new(dir), Cell::new(&e.state)];
+        let name = display_name(&e.endpoint, e.dependency.as_deref());
+        let mut row = vec![Cell::new(name), Cell::new(dir), Cell::new(&e.state)];
         row.extend(
             numbers
                 .into_iter()
@@ -66,6 +72,66 @@ fn status_table(endpoints: &[EndpointStatus]) -> String {
         table.add_row(row);
     }
     table.to_string()
+}
+
+/// `resil events` output.
+pub fn events(report: &EventsReport, format: Format) -> String {
+    match format {
+        Format::Json => json(report),
+        Format::Table if report.events.is_empty() => "No breaker transitions yet.".to_string(),
+        Format::Table => {
+            let mut table = Table::new();
+            table.load_preset(UTF8_BORDERS_ONLY);
+            table.set_header(["TIME", "ENDPOINT", "FROM", "TO", "REASON"]);
+            for e in &report.events {
+                let name = display_name(&e.endpoint, e.dependency.as_deref());
+                let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(e.time);
+                let time = humantime::format_rfc3339_seconds(time).to_string();
+                table.add_row([time, name, e.from.clone(), e.to.clone(), e.reason.clone()]);
+            }
+            table.to_string()
+        }
+    }
+}
+
+/// `resil config explain` output: the policy of one endpoint and where it comes from.
+pub fn explain(config: &Config, endpoint: SocketAddr, format: Format) -> String {
+    let resolved = config.policies.resolve(endpoint);
+    let view = PolicyView::from(resolved.policy);
+    let source = match (resolved.dependency, resolved.pattern) {
+        (Some(d), Some(p)) => format!("dependency {} (matched {p}) in {}", d.name, config.source),
+        _ => format!("[defaults] of {}", config.source),
+    };
+    match format {
+        Format::Json => json(&serde_json::json!({
+            "endpoint": endpoint.to_string(),
+            "dependency": resolved.dependency.map(|d| d.name.clone()),
+            "matched": resolved.pattern.map(|p| p.to_string()),
+            "source": config.source.to_string(),
+            "policy": view,
+        })),
+        Format::Table => {
+            let mut out = format!("{endpoint}: {source}\n");
+            if let Ok(serde_json::Value::Object(keys)) = serde_json::to_value(&view) {
+                for (key, value) in keys {
+                    out += &format!("  {key} = {value}\n");
+                }
+            }
+            out.trim_end().to_string()
+        }
+    }
+}
+
+/// `name (address:port)` for endpoints of a named dependency, else the address.
+pub fn display_name(endpoint: &str, dependency: Option<&str>) -> String {
+    match dependency {
+        Some(name) => format!("{name} ({endpoint})"),
+        None => endpoint.to_string(),
+    }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }
 
 /// Human-friendly duration from microseconds.
@@ -104,6 +170,8 @@ mod tests {
                 p50: 40.0,
                 p99: 2500.0,
             }),
+            reason: Some("5 consecutive failures".into()),
+            dependency: Some("web".into()),
         }
     }
 
@@ -124,11 +192,13 @@ mod tests {
             [
                 "attempts",
                 "connect_latency_us",
+                "dependency",
                 "direction",
                 "endpoint",
                 "established",
                 "failure_rate",
                 "fast_failed",
+                "reason",
                 "refused",
                 "resets_in",
                 "resets_out",
@@ -150,7 +220,14 @@ mod tests {
             },
             Format::Table,
         );
-        for needle in ["[fd00::2]:80", "closed", "90.0%", "40µs", "2.5ms", "2/3"] {
+        for needle in [
+            "web ([fd00::2]:80)",
+            "closed",
+            "90.0%",
+            "40µs",
+            "2.5ms",
+            "2/3",
+        ] {
             assert!(text.contains(needle), "{needle} missing in\n{text}");
         }
         let empty = status(&StatusReport { endpoints: vec![] }, Format::Table);

@@ -379,6 +379,7 @@ pub struct Daemon {
     child: Option<Child>,
     pub socket: PathBuf,
     log: PathBuf,
+    config: PathBuf,
 }
 
 impl Daemon {
@@ -407,6 +408,7 @@ impl Daemon {
             child: Some(child),
             socket,
             log,
+            config: config_path,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -486,6 +488,25 @@ impl Daemon {
                 _ => thread::sleep(Duration::from_millis(50)),
             }
         }
+    }
+
+    /// Sends `signal` to the daemon.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let child = self.child.as_ref().expect("running");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal)
+            .expect("signal the daemon");
+    }
+
+    /// Whether the daemon is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The configuration file the daemon reads (rewrite it, then send SIGHUP).
+    pub fn config_path(&self) -> PathBuf {
+        self.config.clone()
     }
 
     /// Sends SIGTERM and waits for the exit status.

@@ -40,6 +40,8 @@ enum Task {
         /// Only tests whose name contains this.
         filter: Option<String>,
     },
+    /// Run the benchmarks (release build); figures go to stdout and target/bench/.
+    Bench,
     /// cargo fmt --check and cargo clippy on the host crates.
     Lint,
 }
@@ -83,6 +85,10 @@ fn run(cli: Cli) -> Result<()> {
                 cmd.arg(filter);
             }
             test(&mut cmd)
+        }
+        Task::Bench => {
+            setup::run()?;
+            check(cargo().args(["bench", "--package", "resil-user", "--bench", "engine"]))
         }
         Task::Lint => {
             check(cargo().args(["fmt", "--all", "--", "--check"]))?;

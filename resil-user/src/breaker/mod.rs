@@ -492,8 +492,9 @@ impl Breaker {
         self.check_trip(now_ns)
     }
 
-    /// Time passes: OPEN → HALF_OPEN after the wait, HALF_OPEN → OPEN after its limit, and
-    /// the backoff decays while CLOSED.
+    /// Time passes: OPEN → HALF_OPEN after the wait, HALF_OPEN → OPEN after its limit.
+    /// Nothing happens in other states, so callers need to tick only circuits that
+    /// [`Breaker::waiting`].
     pub fn tick(&mut self, now_ns: u64) -> Option<Transition> {
         match self.state {
             State::Open if now_ns >= self.open_until_ns => {
@@ -508,15 +509,6 @@ impl Breaker {
             {
                 let waited_ms = now_ns.saturating_sub(self.entered_ns) as f64 / 1e6;
                 self.reopen(now_ns, Reason::HalfOpenTimeout { waited_ms })
-            }
-            State::Closed => {
-                let decay = self.policy.backoff.decay_ns;
-                if decay > 0 && now_ns >= self.healthy_since_ns + decay {
-                    let steps = (now_ns - self.healthy_since_ns) / decay;
-                    self.backoff.decay(steps * decay, &self.policy.backoff);
-                    self.healthy_since_ns += steps * decay;
-                }
-                None
             }
             _ => None,
         }
@@ -537,9 +529,31 @@ impl Breaker {
         self.close(now_ns, Reason::Manual)
     }
 
-    /// Backoff level (consecutive openings not yet decayed).
-    pub fn backoff_level(&self) -> u32 {
+    /// Whether time alone can change the state (OPEN, or HALF_OPEN with a time limit).
+    pub fn waiting(&self) -> bool {
+        match self.state {
+            State::Open => true,
+            State::HalfOpen => self.policy.half_open_max_ns > 0,
+            _ => false,
+        }
+    }
+
+    /// Backoff level (consecutive openings not yet decayed) as of `now_ns`.
+    pub fn backoff_level(&mut self, now_ns: u64) -> u32 {
+        self.decay(now_ns);
         self.backoff.level()
+    }
+
+    /// Takes a backoff step off for every full decay period spent healthy (CLOSED) so far.
+    /// Applied lazily, when it matters, so closed circuits need no ticking.
+    fn decay(&mut self, now_ns: u64) {
+        let decay = self.policy.backoff.decay_ns;
+        if self.state != State::Closed || decay == 0 || now_ns < self.healthy_since_ns + decay {
+            return;
+        }
+        let steps = (now_ns - self.healthy_since_ns) / decay;
+        self.backoff.decay(steps * decay, &self.policy.backoff);
+        self.healthy_since_ns += steps * decay;
     }
 
     /// OPEN: when the wait ends.
@@ -581,6 +595,7 @@ impl Breaker {
 
     /// To OPEN with the next (longer) wait.
     fn reopen(&mut self, now_ns: u64, reason: Reason) -> Option<Transition> {
+        self.decay(now_ns);
         let wait = self.backoff.next_wait_ns(&self.policy.backoff);
         self.open_until_ns = now_ns.saturating_add(wait);
         Some(self.enter(State::Open, now_ns, reason))

@@ -320,9 +320,9 @@ fn backoff_grows_to_its_cap_and_decays_when_healthy() {
     let probe = r.b.admit();
     r.b.record(r.now, probe, OK);
     assert_eq!(r.state(), State::Closed);
-    assert_eq!(r.b.backoff_level(), 6);
+    assert_eq!(r.b.backoff_level(r.now), 6);
     r.advance(120 * SEC);
-    assert_eq!(r.b.backoff_level(), 4);
+    assert_eq!(r.b.backoff_level(r.now), 4);
     r.open();
     assert_eq!((r.b.open_until_ns().unwrap() - r.now) / SEC, 60);
     let mut r2 = Rig::new(policy());
@@ -331,7 +331,7 @@ fn backoff_grows_to_its_cap_and_decays_when_healthy() {
     let p = r2.b.admit();
     r2.b.record(r2.now, p, OK);
     r2.advance(600 * SEC);
-    assert_eq!(r2.b.backoff_level(), 0, "fully decayed");
+    assert_eq!(r2.b.backoff_level(r2.now), 0, "fully decayed");
     r2.open();
     assert_eq!((r2.b.open_until_ns().unwrap() - r2.now) / SEC, 5);
 }
@@ -389,6 +389,7 @@ fn forced_open_refuses_and_ignores_everything_until_reset() {
     }
     r.advance(3600 * SEC);
     assert_eq!(r.state(), State::ForcedOpen);
+    assert!(!r.b.waiting(), "manual states never change with time");
     assert!(r.b.enforcing());
     r.b.reset(r.now);
     assert_eq!(r.state(), State::Closed);

@@ -1,0 +1,260 @@
+//! One circuit breaker per outbound endpoint, with the policy that applies to it, and the
+//! history of their transitions. Knows nothing of BPF: the agent feeds it outcomes.
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    hash::{DefaultHasher, Hash, Hasher},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use resil_common::maps::EndpointKey;
+
+use crate::{
+    api::TransitionEvent,
+    breaker::{Breaker, Outcome, Recorded, Ticket, Transition},
+    endpoints::socket_addr,
+    policy::Policies,
+};
+
+/// Transitions kept for `resil events`.
+const HISTORY: usize = 1024;
+/// Circuits kept, at most; past that, idle closed ones are forgotten.
+const MAX_CIRCUITS: usize = 65_536;
+
+/// An endpoint's breaker and the policy it follows.
+#[derive(Debug, Clone)]
+pub struct Circuit {
+    /// The breaker, holding its policy.
+    pub breaker: Breaker,
+    /// The rest of the endpoint's policy.
+    pub connect_timeout: Duration,
+    /// The dependency whose policy applies, if any.
+    pub dependency: Option<String>,
+}
+
+/// Every outbound endpoint's circuit.
+#[derive(Debug, Default)]
+pub struct Circuits {
+    circuits: HashMap<EndpointKey, Circuit, foldhash::fast::RandomState>,
+    /// Circuits that time alone can change (OPEN, time-limited HALF_OPEN): all a tick visits.
+    waiting: HashSet<EndpointKey, foldhash::fast::RandomState>,
+    history: VecDeque<TransitionEvent>,
+}
+
+fn seed(key: &EndpointKey) -> u64 {
+    let mut h = DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+impl Circuits {
+    /// Number of circuits.
+    pub fn len(&self) -> usize {
+        self.circuits.len()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.circuits.is_empty()
+    }
+
+    /// The circuit of `key`, if it has one.
+    pub fn get(&self, key: &EndpointKey) -> Option<&Circuit> {
+        self.circuits.get(key)
+    }
+
+    /// The circuit of `key`, created closed under its policy if new.
+    pub fn circuit(&mut self, key: EndpointKey, now_ns: u64, policies: &Policies) -> &mut Circuit {
+        self.circuits.entry(key).or_insert_with(|| {
+            let resolved = policies.resolve(socket_addr(&key));
+            Circuit {
+                breaker: Breaker::new(resolved.policy.breaker, now_ns, seed(&key)),
+                connect_timeout: resolved.policy.connect_timeout,
+                dependency: resolved.dependency.map(|d| d.name.clone()),
+            }
+        })
+    }
+
+    /// A connection attempt to `key` starts: its ticket, and its connect timeout.
+    pub fn admit(
+        &mut self,
+        key: EndpointKey,
+        now_ns: u64,
+        policies: &Policies,
+    ) -> (Ticket, Duration) {
+        let circuit = self.circuit(key, now_ns, policies);
+        (circuit.breaker.admit(), circuit.connect_timeout)
+    }
+
+    /// An attempt's outcome. Returns where a success went, for a later reset amendment.
+    pub fn record(
+        &mut self,
+        key: EndpointKey,
+        now_ns: u64,
+        ticket: Ticket,
+        outcome: Outcome,
+    ) -> Option<Recorded> {
+        let circuit = self.circuits.get_mut(&key)?;
+        let (recorded, transition) = circuit.breaker.record(now_ns, ticket, outcome);
+        if let Some(t) = transition {
+            self.note(key, t);
+        }
+        recorded
+    }
+
+    /// A recorded success was reset before any reply.
+    pub fn amend_reset(&mut self, key: EndpointKey, now_ns: u64, recorded: Recorded) {
+        let Some(circuit) = self.circuits.get_mut(&key) else {
+            return;
+        };
+        if let Some(t) = circuit.breaker.amend_reset(now_ns, recorded) {
+            self.note(key, t);
+        }
+    }
+
+    /// Lets time act on the circuits waiting for it; forgets idle closed circuits past the
+    /// limit.
+    pub fn tick(&mut self, now_ns: u64) {
+        let mut happened = Vec::new();
+        for key in &self.waiting {
+            if let Some(circuit) = self.circuits.get_mut(key) {
+                if let Some(t) = circuit.breaker.tick(now_ns) {
+                    happened.push((*key, t));
+                }
+            }
+        }
+        for (key, t) in happened {
+            self.note(key, t);
+        }
+        if self.circuits.len() > MAX_CIRCUITS {
+            self.circuits.retain(|_, c| {
+                c.breaker.state() != crate::breaker::State::Closed
+                    || c.breaker.totals(now_ns).calls > 0
+            });
+        }
+    }
+
+    /// Applies new policies to every circuit, keeping states and figures.
+    pub fn apply(&mut self, policies: &Policies) {
+        for (key, circuit) in &mut self.circuits {
+            let resolved = policies.resolve(socket_addr(key));
+            circuit.breaker.set_policy(resolved.policy.breaker);
+            circuit.connect_timeout = resolved.policy.connect_timeout;
+            circuit.dependency = resolved.dependency.map(|d| d.name.clone());
+            // A new half-open time limit can make a circuit wait on time, or stop it.
+            if circuit.breaker.waiting() {
+                self.waiting.insert(*key);
+            } else {
+                self.waiting.remove(key);
+            }
+        }
+    }
+
+    /// Transitions so far, oldest first.
+    pub fn history(&self) -> Vec<TransitionEvent> {
+        self.history.iter().cloned().collect()
+    }
+
+    fn note(&mut self, key: EndpointKey, t: Transition) {
+        let circuit = self.circuits.get(&key);
+        if circuit.is_some_and(|c| c.breaker.waiting()) {
+            self.waiting.insert(key);
+        } else {
+            self.waiting.remove(&key);
+        }
+        let dependency = circuit.and_then(|c| c.dependency.clone());
+        let endpoint = socket_addr(&key).to_string();
+        let shown = crate::output::display_name(&endpoint, dependency.as_deref());
+        log::info!("{shown}: {} → {}: {}", t.from, t.to, t.reason);
+        if self.history.len() == HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(TransitionEvent {
+            time: unix_now(),
+            endpoint,
+            dependency,
+            from: t.from.name().to_string(),
+            to: t.to.name().to_string(),
+            reason: t.reason.to_string(),
+            details: t.reason,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::breaker::{FailureKind, State};
+    use crate::policy::{Dependency, Policy};
+    use resil_common::maps::FAMILY_IPV4;
+
+    fn key(port: u16) -> EndpointKey {
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&[10, 0, 0, 2]);
+        EndpointKey {
+            addr,
+            port,
+            family: FAMILY_IPV4,
+            direction: 0,
+        }
+    }
+
+    fn policies() -> Policies {
+        let mut strict = Policy::default();
+        strict.breaker.consecutive_failures = 2;
+        Policies {
+            defaults: Policy::default(),
+            dependencies: vec![Dependency {
+                name: "web".into(),
+                endpoints: vec!["10.0.0.2:80".parse().unwrap()],
+                policy: strict,
+            }],
+        }
+    }
+
+    #[test]
+    fn every_transition_is_an_event_with_its_figures() {
+        let p = policies();
+        let mut c = Circuits::default();
+        for _ in 0..2 {
+            let (ticket, _) = c.admit(key(80), 0, &p);
+            c.record(key(80), 0, ticket, Outcome::Failure(FailureKind::Refused));
+        }
+        assert_eq!(c.get(&key(80)).unwrap().breaker.state(), State::Open);
+        let events = c.history();
+        assert_eq!(events.len(), 1);
+        let e = &events[0];
+        assert_eq!((e.from.as_str(), e.to.as_str()), ("closed", "open"));
+        assert_eq!(e.endpoint, "10.0.0.2:80");
+        assert_eq!(e.dependency.as_deref(), Some("web"));
+        assert_eq!(e.reason, "2 consecutive failures");
+        assert!(e.time > 1.7e9);
+        // Time opens the way to half-open: another event.
+        c.tick(3_600_000_000_000);
+        assert_eq!(c.history().last().unwrap().to, "half_open");
+    }
+
+    #[test]
+    fn policies_follow_the_most_specific_match_and_reload_in_place() {
+        let p = policies();
+        let mut c = Circuits::default();
+        c.admit(key(80), 0, &p);
+        c.admit(key(81), 0, &p);
+        assert_eq!(c.get(&key(80)).unwrap().dependency.as_deref(), Some("web"));
+        assert_eq!(c.get(&key(81)).unwrap().dependency, None);
+        // Reload without the dependency: the circuit stays, its policy changes.
+        let (ticket, _) = c.admit(key(80), 0, &p);
+        c.record(key(80), 0, ticket, Outcome::Failure(FailureKind::Refused));
+        c.apply(&Policies::default());
+        let circuit = c.get(&key(80)).unwrap();
+        assert_eq!(circuit.dependency, None);
+        assert_eq!(circuit.breaker.policy().consecutive_failures, 5);
+        assert_eq!(circuit.breaker.totals(0).calls, 1, "figures kept");
+    }
+}
