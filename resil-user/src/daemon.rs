@@ -72,7 +72,9 @@ fn resolve_interfaces(asked: &[String]) -> Result<Vec<String>> {
         if !netinfo::interface_exists(iface) {
             return Err(usage(format!("interface {iface} not found")));
         }
-        if !netinfo::has_ethernet_frames(iface) {
+        let ethernet = netinfo::has_ethernet_frames(iface)
+            .with_context(|| format!("cannot read the link type of interface {iface}"))?;
+        if !ethernet {
             return Err(usage(format!(
                 "interface {iface} does not carry Ethernet frames (tun, WireGuard …); resil observes Ethernet and loopback interfaces"
             )));
