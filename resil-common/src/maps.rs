@@ -12,6 +12,10 @@ pub mod names {
     pub const HANDSHAKES: &str = "HANDSHAKES";
     /// Per-CPU array of `u64` indexed by [`super::Health`].
     pub const HEALTH: &str = "HEALTH";
+    /// Hash: [`super::EndpointKey`] → [`super::Verdict`], written by the daemon.
+    pub const VERDICTS: &str = "VERDICTS";
+    /// Hash: [`super::TokenKey`] → `u8`: half-open probe tokens, taken by deleting them.
+    pub const TOKENS: &str = "TOKENS";
 }
 
 /// Capacity of the connection map (LRU: the least recently used entries make room).
@@ -20,6 +24,13 @@ pub const MAX_CONNECTIONS: u32 = 65_536;
 pub const MAX_ENDPOINTS: u32 = 8_192;
 /// Size of the handshake ring buffer in bytes (a power of two, a multiple of the page size).
 pub const HANDSHAKE_RING_BYTES: u32 = 1 << 20;
+
+/// Capacity of the verdict map: endpoints the kernel can enforce at once.
+pub const MAX_VERDICTS: u32 = 16_384;
+/// Capacity of the probe-token map.
+pub const MAX_TOKENS: u32 = 65_536;
+/// Half-open probes one endpoint can have at once (the kernel tries this many tokens).
+pub const MAX_PROBES: u32 = 64;
 
 /// `AF_INET`.
 pub const FAMILY_IPV4: u8 = 2;
@@ -180,6 +191,11 @@ pub struct EndpointStats {
     pub retransmits: u64,
     /// ICMP or ICMPv6 destination-unreachable messages for tracked connections.
     pub unreachable: u64,
+    /// Connections refused by resil (connect() failed at once, or a forwarded SYN answered
+    /// with a RST).
+    pub fast_failed: u64,
+    /// Connections a metrics-only policy would have refused.
+    pub would_fast_fail: u64,
     /// `bpf_ktime_get_ns` when the kernel created this entry (on the creating CPU's copy;
     /// the others hold 0). A new value means the LRU evicted the endpoint and it came back.
     pub created_ns: u64,
@@ -196,8 +212,47 @@ impl EndpointStats {
         syn_retransmits: 0,
         retransmits: 0,
         unreachable: 0,
+        fast_failed: 0,
+        would_fast_fail: 0,
         created_ns: 0,
     };
+}
+
+/// What the kernel does with new connections to an endpoint, until `expires_ns`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Verdict {
+    /// `bpf_ktime_get_ns` after which the verdict no longer applies: a daemon that stops
+    /// refreshing it (crash, kill -9, hang) can never keep traffic blocked.
+    pub expires_ns: u64,
+    /// A [`VerdictAction`].
+    pub action: u32,
+    /// Half-open: the generation whose tokens to take.
+    pub generation: u32,
+    /// Half-open: how many tokens were handed out (at most [`MAX_PROBES`]).
+    pub probes: u32,
+    pub _pad: u32,
+}
+
+/// Values of [`Verdict::action`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VerdictAction {
+    /// Refuse every new connection (OPEN, FORCED_OPEN).
+    Refuse = 1,
+    /// Admit only holders of a probe token (HALF_OPEN).
+    Probe = 2,
+    /// Admit, but count what would have been refused (metrics-only OPEN).
+    Observe = 3,
+}
+
+/// One half-open probe token.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct TokenKey {
+    pub endpoint: EndpointKey,
+    pub generation: u32,
+    pub index: u32,
 }
 
 /// Kinds of [`HandshakeEvent`]: one `Started` and at most one outcome per outbound handshake.
@@ -269,6 +324,8 @@ mod pod {
     unsafe impl aya::Pod for super::EndpointKey {}
     unsafe impl aya::Pod for super::EndpointStats {}
     unsafe impl aya::Pod for super::HandshakeEvent {}
+    unsafe impl aya::Pod for super::Verdict {}
+    unsafe impl aya::Pod for super::TokenKey {}
 }
 
 #[cfg(test)]
@@ -281,7 +338,9 @@ mod tests {
         assert_eq!(size_of::<ConnKey>(), 40);
         assert_eq!(size_of::<ConnState>(), 40);
         assert_eq!(size_of::<EndpointKey>(), 20);
-        assert_eq!(size_of::<EndpointStats>(), 8 * 9);
+        assert_eq!(size_of::<EndpointStats>(), 8 * 11);
+        assert_eq!(size_of::<Verdict>(), 24);
+        assert_eq!(size_of::<TokenKey>(), 28);
         assert_eq!(size_of::<HandshakeEvent>(), 64);
     }
 }

@@ -66,6 +66,10 @@ pub struct TcpSegment {
     pub flags: u8,
     /// Payload bytes after the TCP header (from the IP length fields, not the frame size).
     pub payload_len: u32,
+    /// Offset of the IP header in the frame.
+    pub ip_offset: u32,
+    /// Offset of the TCP header in the frame.
+    pub tcp_offset: u32,
 }
 
 /// The TCP flow quoted inside an ICMP destination-unreachable message, as it was sent.
@@ -117,6 +121,7 @@ fn v4(addr: [u8; 4]) -> [u8; 16] {
 /// header starts, and how many bytes the IP header says follow it.
 struct Network {
     family: u8,
+    l3_offset: usize,
     src: [u8; 16],
     dst: [u8; 16],
     protocol: u8,
@@ -180,6 +185,7 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(packet: &P, at: usize) -> NetworkResult {
     }
     NetworkResult::Found(Network {
         family: FAMILY_IPV4,
+        l3_offset: at,
         src: v4([h[12], h[13], h[14], h[15]]),
         dst: v4([h[16], h[17], h[18], h[19]]),
         protocol: h[9],
@@ -250,6 +256,7 @@ fn parse_ipv6<P: PacketBytes + ?Sized>(packet: &P, at: usize) -> NetworkResult {
     }
     NetworkResult::Found(Network {
         family: FAMILY_IPV6,
+        l3_offset: at,
         src,
         dst,
         protocol: next,
@@ -287,6 +294,8 @@ fn parse_tcp<P: PacketBytes + ?Sized>(packet: &P, net: &Network) -> Parsed {
         ack: be32([t[8], t[9], t[10], t[11]]),
         flags: t[13],
         payload_len: (net.l4_len - header_len) as u32,
+        ip_offset: net.l3_offset as u32,
+        tcp_offset: net.l4_offset as u32,
     })
 }
 
@@ -369,6 +378,7 @@ mod tests {
                 assert_eq!((seg.seq, seg.ack), (7, 9));
                 assert_eq!(seg.flags, tcp_flags::SYN);
                 assert_eq!(seg.payload_len, 5);
+                assert_eq!((seg.ip_offset, seg.tcp_offset), (14, 34));
             }
             other => panic!("{other:?}"),
         }

@@ -5,19 +5,21 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::TC_ACT_PIPE,
-    helpers::bpf_ktime_get_ns,
-    macros::{classifier, map},
-    maps::{LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
-    programs::TcContext,
+    bindings::{BPF_F_INGRESS, TC_ACT_PIPE, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_set_retval},
+    macros::{cgroup_sock_addr, classifier, map},
+    maps::{HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
+    programs::{SockAddrContext, TcContext},
 };
 use aya_log_ebpf::warn;
 use resil_common::{
+    enforce::{self, Decision},
     maps::{
-        ConnKey, ConnState, EndpointStats, HandshakeEvent, Health, HANDSHAKE_RING_BYTES,
-        HEALTH_SLOTS, MAX_CONNECTIONS, MAX_ENDPOINTS,
+        ConnKey, ConnState, EndpointKey, EndpointStats, HandshakeEvent, Health, TokenKey, Verdict,
+        FAMILY_IPV4, HANDSHAKE_RING_BYTES, HEALTH_SLOTS, MAX_CONNECTIONS, MAX_ENDPOINTS,
+        MAX_PROBES, MAX_TOKENS, MAX_VERDICTS,
     },
-    packet::{parse_ethernet, PacketBytes, Parsed},
+    packet::{parse_ethernet, tcp_flags, PacketBytes, Parsed, TcpSegment},
     track::{self, Effects, Update, Way},
 };
 
@@ -34,6 +36,18 @@ static HANDSHAKES: RingBuf = RingBuf::with_byte_size(HANDSHAKE_RING_BYTES, 0);
 
 #[map]
 static HEALTH: PerCpuArray<u64> = PerCpuArray::with_max_entries(HEALTH_SLOTS, 0);
+
+#[map]
+static VERDICTS: HashMap<EndpointKey, Verdict> = HashMap::with_max_entries(MAX_VERDICTS, 0);
+
+#[map]
+static TOKENS: HashMap<TokenKey, u8> = HashMap::with_max_entries(MAX_TOKENS, 0);
+
+const ECONNREFUSED: i32 = 111;
+const SOCK_STREAM: u32 = 1;
+/// Values a `cgroup/connect*` program returns.
+const CONNECT_ALLOW: i32 = 1;
+const CONNECT_DENY: i32 = 0;
 
 /// `BPF_NOEXIST`: insert only if absent.
 const NOEXIST: u64 = 1;
@@ -56,21 +70,205 @@ impl PacketBytes for Skb<'_> {
 /// Observes packets arriving on the interface.
 #[classifier]
 pub fn resil_tc_ingress(ctx: TcContext) -> i32 {
-    observe(&ctx, Way::Ingress);
-    TC_ACT_PIPE
+    observe(&ctx, Way::Ingress)
 }
 
-/// Observes packets leaving through the interface.
+/// Observes packets leaving through the interface, and refuses forwarded SYNs to endpoints
+/// whose circuit is open (local sockets are refused earlier, by the connect hooks).
 #[classifier]
 pub fn resil_tc_egress(ctx: TcContext) -> i32 {
-    observe(&ctx, Way::Egress);
-    TC_ACT_PIPE
+    observe(&ctx, Way::Egress)
+}
+
+/// Refuses `connect()` on TCP sockets to IPv4 endpoints whose circuit is open.
+#[cgroup_sock_addr(connect4)]
+pub fn resil_connect4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands every sock_addr program a valid context; a connect4 program
+    // may read the IPv4 fields.
+    let addr = unsafe { &*ctx.sock_addr };
+    if addr.type_ != SOCK_STREAM {
+        return CONNECT_ALLOW; // UDP connect() is left alone
+    }
+    on_connect(&enforce::connect4_endpoint(addr.user_ip4, addr.user_port))
+}
+
+/// Refuses `connect()` on TCP sockets to IPv6 endpoints whose circuit is open.
+#[cgroup_sock_addr(connect6)]
+pub fn resil_connect6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: as above; a connect6 program may read the IPv6 fields.
+    let addr = unsafe { &*ctx.sock_addr };
+    if addr.type_ != SOCK_STREAM {
+        return CONNECT_ALLOW;
+    }
+    let ip6 = [
+        addr.user_ip6[0],
+        addr.user_ip6[1],
+        addr.user_ip6[2],
+        addr.user_ip6[3],
+    ];
+    on_connect(&enforce::connect6_endpoint(ip6, addr.user_port))
 }
 
 #[inline(always)]
-fn observe(ctx: &TcContext, way: Way) {
+fn on_connect(endpoint: &EndpointKey) -> i32 {
+    if admit(endpoint) {
+        return CONNECT_ALLOW;
+    }
+    // SAFETY: sets this program's return code for connect(); no pointers involved.
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    CONNECT_DENY
+}
+
+/// Applies the endpoint's verdict to one new connection; counts refusals. True to let it go.
+#[inline(always)]
+fn admit(endpoint: &EndpointKey) -> bool {
+    // SAFETY: a copy is taken at once; the daemon may replace the entry meanwhile.
+    let verdict = unsafe { VERDICTS.get(endpoint).copied() };
+    match enforce::decide(verdict.as_ref(), now_ns()) {
+        Decision::Allow => true,
+        Decision::Refuse => {
+            count_enforcement(endpoint, true);
+            false
+        }
+        Decision::WouldRefuse => {
+            count_enforcement(endpoint, false);
+            true
+        }
+        Decision::TakeToken { generation, probes } => {
+            if take_token(endpoint, generation, probes) {
+                true
+            } else {
+                count_enforcement(endpoint, true);
+                false
+            }
+        }
+    }
+}
+
+/// Takes one half-open probe token. Deleting a map entry is atomic: of all the CPUs trying,
+/// exactly one deletes each token, so exactly `probes` connections get through.
+#[inline(always)]
+fn take_token(endpoint: &EndpointKey, generation: u32, probes: u32) -> bool {
+    let mut key = TokenKey {
+        endpoint: *endpoint,
+        generation,
+        index: 0,
+    };
+    for index in 0..MAX_PROBES {
+        if index >= probes {
+            break;
+        }
+        key.index = index;
+        if TOKENS.remove(&key).is_ok() {
+            return true;
+        }
+    }
+    false
+}
+
+/// Counts a refusal (or what would have been one) for an outbound endpoint.
+#[inline(always)]
+fn count_enforcement(endpoint: &EndpointKey, refused: bool) {
+    if let Some(stats) = endpoint_stats(endpoint) {
+        // SAFETY: per-CPU value of this CPU; no other writer.
+        let stats = unsafe { &mut *stats };
+        if refused {
+            stats.fast_failed += 1;
+        } else {
+            stats.would_fast_fail += 1;
+        }
+    }
+}
+
+/// A forwarded SYN to a refused endpoint: turn it into the RST a closed port would send and
+/// deliver it back in through the same interface, so the sender's stack sees a refusal.
+/// Returns the TC verdict if the packet was taken over.
+#[inline(always)]
+fn refuse_forwarded_syn(ctx: &TcContext, seg: &TcpSegment) -> Option<i32> {
+    let syn = seg.flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) == tcp_flags::SYN;
+    // SAFETY: reading the context's socket pointer, which the verifier allows for TC.
+    let local = unsafe { !(*ctx.skb.skb).__bindgen_anon_2.sk.is_null() };
+    if !syn || local {
+        return None;
+    }
+    let endpoint = EndpointKey {
+        addr: seg.dst,
+        port: seg.dst_port,
+        family: seg.family,
+        direction: 0,
+    };
+    if admit(&endpoint) {
+        return None;
+    }
+    if seg.payload_len > 0 {
+        // A SYN carrying data (TCP Fast Open): drop it; the sender retries without data and
+        // that SYN gets the RST.
+        return Some(TC_ACT_SHOT as i32);
+    }
+    match rewrite_into_rst(ctx, seg) {
+        Some(()) => {
+            // SAFETY: redirect this packet to the ingress of the interface it was leaving.
+            unsafe { bpf_redirect((*ctx.skb.skb).ifindex, BPF_F_INGRESS as u64) };
+            Some(TC_ACT_REDIRECT as i32)
+        }
+        None => Some(TC_ACT_SHOT as i32),
+    }
+}
+
+/// Rewrites a SYN in place into the RST answering it: MACs, addresses and ports swapped,
+/// sequence 0, acknowledging the SYN, flags RST|ACK, checksums updated.
+#[inline(always)]
+fn rewrite_into_rst(ctx: &TcContext, seg: &TcpSegment) -> Option<()> {
+    let ip = seg.ip_offset as usize;
+    let tcp = seg.tcp_offset as usize;
+    let macs: [u8; 12] = ctx.load(0).ok()?;
+    let mut swapped = [0u8; 12];
+    swapped[..6].copy_from_slice(&macs[6..]);
+    swapped[6..].copy_from_slice(&macs[..6]);
+    ctx.store(0, &swapped, 0).ok()?;
+    // Swapping source and destination leaves the IP and pseudo-header sums unchanged.
+    if seg.family == FAMILY_IPV4 {
+        ctx.store(ip + 12, &seg.dst[..4].try_into().unwrap_or([0u8; 4]), 0)
+            .ok()?;
+        ctx.store(ip + 16, &seg.src[..4].try_into().unwrap_or([0u8; 4]), 0)
+            .ok()?;
+    } else {
+        ctx.store(ip + 8, &seg.dst, 0).ok()?;
+        ctx.store(ip + 24, &seg.src, 0).ok()?;
+    }
+    let ports: [u8; 4] = ctx.load(tcp).ok()?;
+    ctx.store(tcp, &[ports[2], ports[3], ports[0], ports[1]], 0)
+        .ok()?;
+    let (seq, ack, flags) = enforce::rst_for_syn(seg.seq, seg.payload_len);
+    let csum = tcp + 16;
+    let old_seq: u32 = ctx.load(tcp + 4).ok()?;
+    let old_ack: u32 = ctx.load(tcp + 8).ok()?;
+    let old_word: u16 = ctx.load(tcp + 12).ok()?;
+    let new_seq = seq.to_be();
+    let new_ack = ack.to_be();
+    let offset_byte = (old_word.to_ne_bytes())[0];
+    let new_word = u16::from_ne_bytes([offset_byte, flags]);
+    ctx.store(tcp + 4, &new_seq, 0).ok()?;
+    ctx.store(tcp + 8, &new_ack, 0).ok()?;
+    ctx.store(tcp + 12, &new_word, 0).ok()?;
+    ctx.l4_csum_replace(csum, old_seq as u64, new_seq as u64, 4)
+        .ok()?;
+    ctx.l4_csum_replace(csum, old_ack as u64, new_ack as u64, 4)
+        .ok()?;
+    ctx.l4_csum_replace(csum, old_word as u64, new_word as u64, 2)
+        .ok()?;
+    Some(())
+}
+
+#[inline(always)]
+fn observe(ctx: &TcContext, way: Way) -> i32 {
     match parse_ethernet(&Skb(ctx)) {
         Parsed::Tcp(segment) => {
+            if way == Way::Egress {
+                if let Some(action) = refuse_forwarded_syn(ctx, &segment) {
+                    return action;
+                }
+            }
             let key = track::conn_key(&segment, way);
             let conn = CONNECTIONS.get_ptr_mut(&key);
             // SAFETY: the pointer comes from a map lookup and is only read here.
@@ -89,6 +287,7 @@ fn observe(ctx: &TcContext, way: Way) {
         Parsed::Malformed => bump(Health::Malformed),
         Parsed::Unreachable(_) | Parsed::Other => {}
     }
+    TC_ACT_PIPE
 }
 
 #[inline(always)]
@@ -135,24 +334,31 @@ fn apply(
 
 #[inline(always)]
 fn count_for_endpoint(ctx: &TcContext, key: &ConnKey, effects: &Effects) {
-    let endpoint = key.endpoint(effects.direction);
-    let mut stats = ENDPOINTS.get_ptr_mut(&endpoint);
-    if stats.is_none() {
-        // A new endpoint: create it (another CPU may win the race; then ours fails harmlessly).
-        let fresh = EndpointStats {
-            created_ns: now_ns(),
-            ..EndpointStats::ZERO
-        };
-        let _ = ENDPOINTS.insert(&endpoint, &fresh, NOEXIST);
-        stats = ENDPOINTS.get_ptr_mut(&endpoint);
-    }
-    let Some(stats) = stats else {
-        bump(Health::EndpointInsertFailed);
+    let Some(stats) = endpoint_stats(&key.endpoint(effects.direction)) else {
         warn!(ctx, "resil: endpoint map insert failed");
         return;
     };
     // SAFETY: per-CPU value of this CPU; no other writer.
     track::count_into(unsafe { &mut *stats }, effects);
+}
+
+/// This CPU's counters of an endpoint, created (stamped with the time) if new.
+#[inline(always)]
+fn endpoint_stats(endpoint: &EndpointKey) -> Option<*mut EndpointStats> {
+    if let Some(stats) = ENDPOINTS.get_ptr_mut(endpoint) {
+        return Some(stats);
+    }
+    // A new endpoint: create it (another CPU may win the race; then ours fails harmlessly).
+    let fresh = EndpointStats {
+        created_ns: now_ns(),
+        ..EndpointStats::ZERO
+    };
+    let _ = ENDPOINTS.insert(endpoint, &fresh, NOEXIST);
+    let stats = ENDPOINTS.get_ptr_mut(endpoint);
+    if stats.is_none() {
+        bump(Health::EndpointInsertFailed);
+    }
+    stats
 }
 
 #[inline(always)]

@@ -37,6 +37,11 @@ pub enum Request {
     Status,
     /// Recent breaker transitions, oldest first.
     Events,
+    /// An operator's command for an endpoint (`10.0.3.7:5432`) or a named dependency.
+    Manual {
+        action: crate::circuits::ManualAction,
+        target: String,
+    },
 }
 
 /// The daemon's answer.
@@ -47,6 +52,8 @@ pub enum Response {
     Status(StatusReport),
     /// Answer to [`Request::Events`].
     Events(EventsReport),
+    /// Answer to [`Request::Manual`].
+    Manual(ManualReport),
     /// The request could not be served.
     Error(String),
 }
@@ -86,6 +93,8 @@ pub struct EndpointStatus {
     pub syn_retransmits: u64,
     pub retransmits: u64,
     pub fast_failed: u64,
+    /// Connections a metrics-only policy would have refused.
+    pub would_fast_fail: u64,
     /// 0..1, or null while there are not enough outcomes.
     pub failure_rate: Option<f64>,
     /// Handshake latency percentiles, null before the first handshake.
@@ -94,6 +103,20 @@ pub struct EndpointStatus {
     pub reason: Option<String>,
     /// The named dependency whose policy applies (null: the defaults).
     pub dependency: Option<String>,
+}
+
+/// What a manual command did: each endpoint and its state afterwards.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManualReport {
+    pub endpoints: Vec<ManualResult>,
+}
+
+/// One endpoint in a [`ManualReport`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManualResult {
+    pub endpoint: String,
+    pub dependency: Option<String>,
+    pub state: String,
 }
 
 /// A breaker transition, as `resil events` shows it.

@@ -7,12 +7,14 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use resil_common::maps::EndpointKey;
+use resil_common::maps::{EndpointKey, MAX_PROBES};
+use serde::{Deserialize, Serialize};
 
 use crate::{
     api::TransitionEvent,
-    breaker::{Breaker, Outcome, Recorded, Ticket, Transition},
+    breaker::{Breaker, Mode, Outcome, Recorded, State, Ticket, Transition},
     endpoints::socket_addr,
+    enforcer::Desired,
     policy::Policies,
 };
 
@@ -38,7 +40,23 @@ pub struct Circuits {
     circuits: HashMap<EndpointKey, Circuit, foldhash::fast::RandomState>,
     /// Circuits that time alone can change (OPEN, time-limited HALF_OPEN): all a tick visits.
     waiting: HashSet<EndpointKey, foldhash::fast::RandomState>,
+    /// Circuits that want a verdict in the kernel (not CLOSED, not DISABLED).
+    restricted: HashSet<EndpointKey, foldhash::fast::RandomState>,
+    /// A transition happened since the last [`Circuits::desired`].
+    dirty: bool,
     history: VecDeque<TransitionEvent>,
+}
+
+/// An operator's command for a circuit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ManualAction {
+    /// FORCED_OPEN: refuse every new connection until reset.
+    Trip,
+    /// Back to CLOSED with fresh figures.
+    Reset,
+    /// DISABLED: never refuse, ignore outcomes, until reset.
+    Disable,
 }
 
 fn seed(key: &EndpointKey) -> u64 {
@@ -134,8 +152,7 @@ impl Circuits {
         }
         if self.circuits.len() > MAX_CIRCUITS {
             self.circuits.retain(|_, c| {
-                c.breaker.state() != crate::breaker::State::Closed
-                    || c.breaker.totals(now_ns).calls > 0
+                c.breaker.state() != State::Closed || c.breaker.totals(now_ns).calls > 0
             });
         }
     }
@@ -147,13 +164,71 @@ impl Circuits {
             circuit.breaker.set_policy(resolved.policy.breaker);
             circuit.connect_timeout = resolved.policy.connect_timeout;
             circuit.dependency = resolved.dependency.map(|d| d.name.clone());
-            // A new half-open time limit can make a circuit wait on time, or stop it.
+            // A new half-open time limit can make a circuit wait on time, or stop it; a new
+            // mode changes what the kernel is asked.
+            self.dirty = true;
             if circuit.breaker.waiting() {
                 self.waiting.insert(*key);
             } else {
                 self.waiting.remove(key);
             }
         }
+    }
+
+    /// What every restricted circuit asks of the kernel now; clears the dirty flag.
+    pub fn desired(&mut self) -> Vec<(EndpointKey, Desired)> {
+        self.dirty = false;
+        self.restricted
+            .iter()
+            .filter_map(|key| {
+                let b = &self.circuits.get(key)?.breaker;
+                let want = match (b.state(), b.policy().mode) {
+                    (State::ForcedOpen, _) | (State::Open, Mode::Enforce) => Desired::Refuse,
+                    (State::Open, Mode::MetricsOnly) => Desired::Observe,
+                    (State::HalfOpen, Mode::Enforce) => Desired::Probe {
+                        generation: b.generation() as u32,
+                        probes: b.policy().half_open_probes.min(MAX_PROBES),
+                    },
+                    _ => return None,
+                };
+                Some((*key, want))
+            })
+            .collect()
+    }
+
+    /// Whether a transition happened since the last [`Circuits::desired`].
+    pub fn dirty(&self) -> bool {
+        self.dirty
+    }
+
+    /// An operator's command for one endpoint (its circuit is created if new). Returns the
+    /// state it is in afterwards.
+    pub fn manual(
+        &mut self,
+        key: EndpointKey,
+        action: ManualAction,
+        now_ns: u64,
+        policies: &Policies,
+    ) -> &'static str {
+        let breaker = &mut self.circuit(key, now_ns, policies).breaker;
+        let t = match action {
+            ManualAction::Trip => breaker.force_open(now_ns),
+            ManualAction::Reset => breaker.reset(now_ns),
+            ManualAction::Disable => breaker.disable(now_ns),
+        };
+        self.note(key, t);
+        self.circuits
+            .get(&key)
+            .map_or("closed", |c| c.breaker.reported_state())
+    }
+
+    /// Keys of the circuits that follow dependency `name`.
+    pub fn of_dependency(&self, name: &str) -> Vec<EndpointKey> {
+        self.circuits
+            .iter()
+            .filter(|(_, c)| c.dependency.as_deref() == Some(name))
+            .map(|(k, _)| *k)
+            .collect()
     }
 
     /// Transitions so far, oldest first.
@@ -168,6 +243,12 @@ impl Circuits {
         } else {
             self.waiting.remove(&key);
         }
+        if matches!(t.to, State::Closed | State::Disabled) {
+            self.restricted.remove(&key);
+        } else {
+            self.restricted.insert(key);
+        }
+        self.dirty = true;
         let dependency = circuit.and_then(|c| c.dependency.clone());
         let endpoint = socket_addr(&key).to_string();
         let shown = crate::output::display_name(&endpoint, dependency.as_deref());

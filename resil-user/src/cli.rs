@@ -8,6 +8,7 @@ use log::LevelFilter;
 
 use crate::{
     api::{self, Request, Response, DEFAULT_SOCKET},
+    circuits::ManualAction,
     config::Config,
     daemon::{self, DaemonOptions},
     error::usage,
@@ -32,6 +33,12 @@ pub enum Command {
     Status(ClientArgs),
     /// Show recent breaker transitions, oldest first.
     Events(ClientArgs),
+    /// Force a circuit open (FORCED_OPEN): refuse new connections until `resil reset`.
+    Trip(ManualArgs),
+    /// Close a circuit with fresh figures (also ends FORCED_OPEN and DISABLED).
+    Reset(ManualArgs),
+    /// Disable a circuit: never refuse, ignore outcomes, until `resil reset`.
+    Disable(ManualArgs),
     /// Check a configuration file, or show which policy applies to an endpoint.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -69,6 +76,15 @@ pub struct ClientArgs {
     pub output: Format,
 }
 
+/// `resil trip|reset|disable` arguments.
+#[derive(Debug, Args)]
+pub struct ManualArgs {
+    /// An endpoint (10.0.3.7:5432, [fd00::7]:443) or the name of a dependency.
+    pub target: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
 /// `resil daemon` options.
 #[derive(Debug, Args)]
 pub struct DaemonArgs {
@@ -82,6 +98,10 @@ pub struct DaemonArgs {
     /// The API socket to create (mode 0600).
     #[arg(long, env = "RESIL_SOCKET", default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// cgroup v2 directory whose processes' connect() calls are refused for open circuits.
+    /// Default: the cgroup v2 root (every process).
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
     /// Kernel-side log level (off, error, warn, info, debug, trace); masked at load time.
     #[arg(long, value_name = "LEVEL", default_value = "off")]
     pub bpf_log: LevelFilter,
@@ -101,8 +121,12 @@ pub fn run() -> Result<()> {
             interfaces: args.interfaces,
             config: args.config,
             socket: args.socket,
+            cgroup: args.cgroup,
             bpf_log: args.bpf_log,
         }),
+        Command::Trip(args) => manual(args, ManualAction::Trip),
+        Command::Reset(args) => manual(args, ManualAction::Reset),
+        Command::Disable(args) => manual(args, ManualAction::Disable),
         Command::Status(args) => match call(&args, Request::Status)? {
             Response::Status(report) => print(output::status(&report, args.output)),
             other => unexpected(other),
@@ -138,6 +162,17 @@ pub fn run() -> Result<()> {
             let config = Config::load(config.as_deref())?;
             print(output::explain(&config, endpoint, format))
         }
+    }
+}
+
+fn manual(args: ManualArgs, action: ManualAction) -> Result<()> {
+    let request = Request::Manual {
+        action,
+        target: args.target,
+    };
+    match call(&args.client, request)? {
+        Response::Manual(report) => print(output::manual(&report, args.client.output)),
+        other => unexpected(other),
     }
 }
 

@@ -26,6 +26,8 @@ pub fn sum(values: &[EndpointStats]) -> EndpointStats {
         total.syn_retransmits += v.syn_retransmits;
         total.retransmits += v.retransmits;
         total.unreachable += v.unreachable;
+        total.fast_failed += v.fast_failed;
+        total.would_fast_fail += v.would_fast_fail;
         // Only the creating CPU's copy holds the creation time.
         total.created_ns = total.created_ns.max(v.created_ns);
     }

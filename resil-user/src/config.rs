@@ -34,6 +34,8 @@ pub const DEFAULT_PATH: &str = "/etc/resil/resil.toml";
 pub struct Config {
     /// How often the daemon reads the kernel's counters and ticks the breakers.
     pub tick: Duration,
+    /// How long the kernel keeps enforcing a verdict the daemon stopped refreshing.
+    pub fail_open_after: Duration,
     /// Defaults and dependencies.
     pub policies: Policies,
     /// Where it came from (a file, or the embedded defaults), for messages and reloads.
@@ -190,6 +192,7 @@ struct File {
 #[serde(deny_unknown_fields)]
 struct DaemonKeys {
     tick: Option<Dur<10, 10_000>>,
+    fail_open_after: Option<Dur<200, 600_000>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -222,7 +225,7 @@ struct PolicyKeys {
     open_wait_multiplier: Option<Ranged<Factor>>,
     open_wait_jitter: Option<Ranged<Fraction>>,
     backoff_decay: Option<Dur<0, 86_400_000>>,
-    half_open_probes: Option<Count<1, 1_000>>,
+    half_open_probes: Option<Count<1, 64>>,
     half_open_max_duration: Option<Dur<0, 3_600_000>>,
 }
 
@@ -442,11 +445,24 @@ impl Config {
                 }
             }
         }
+        let tick = file
+            .daemon
+            .tick
+            .map_or(Duration::from_millis(100), |Dur(d)| d);
+        let fail_open_after = file
+            .daemon
+            .fail_open_after
+            .map_or(Duration::from_secs(3), |Dur(d)| d);
+        if fail_open_after < 2 * tick {
+            return Err(usage(format!(
+                "invalid configuration in {source}: [daemon]: fail_open_after ({}) must be at least twice tick ({}), or every verdict lapses between refreshes",
+                humantime::format_duration(fail_open_after),
+                humantime::format_duration(tick)
+            )));
+        }
         Ok(Config {
-            tick: file
-                .daemon
-                .tick
-                .map_or(Duration::from_millis(100), |Dur(d)| d),
+            tick,
+            fail_open_after,
             policies: Policies {
                 defaults,
                 dependencies,

@@ -1,12 +1,14 @@
 //! The agent: load and attach the programs, then on every tick read the kernel's counters,
 //! time out unanswered handshakes and answer the local API, until SIGINT or SIGTERM.
 
-use std::{os::fd::AsRawFd, path::PathBuf, rc::Rc, time::Duration};
+use std::{net::SocketAddr, os::fd::AsRawFd, path::PathBuf, rc::Rc, time::Duration};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::maps::{MapData, RingBuf};
 use log::{error, info, warn, LevelFilter};
-use resil_common::maps::{Direction, HandshakeEvent, HandshakeKind, Health};
+use resil_common::maps::{
+    Direction, EndpointKey, HandshakeEvent, HandshakeKind, Health, FAMILY_IPV4, FAMILY_IPV6,
+};
 use tokio::{
     io::{unix::AsyncFd, Interest},
     signal::unix::{signal, SignalKind},
@@ -14,13 +16,17 @@ use tokio::{
 };
 
 use crate::{
-    api::{EndpointStatus, EventsReport, Request, Response, Server, StatusReport},
+    api::{
+        EndpointStatus, EventsReport, ManualReport, ManualResult, Request, Response, Server,
+        StatusReport,
+    },
     breaker::{FailureKind, Outcome, Recorded, Ticket},
-    circuits::Circuits,
+    circuits::{Circuits, ManualAction},
     clock::monotonic_ns,
     collector::{self, Collector},
     config::Config,
-    endpoints::EndpointTable,
+    endpoints::{socket_addr, EndpointTable},
+    enforcer::Enforcer,
     error::usage,
     handshakes::ConnDeadlines,
     netinfo,
@@ -41,6 +47,8 @@ pub struct DaemonOptions {
     pub config: Option<PathBuf>,
     /// The API socket.
     pub socket: PathBuf,
+    /// The cgroup v2 directory whose sockets are refused at connect(); `None`: the root.
+    pub cgroup: Option<PathBuf>,
     /// Which kernel-side log statements are live.
     pub bpf_log: LevelFilter,
 }
@@ -52,12 +60,29 @@ pub fn run(options: DaemonOptions) -> Result<()> {
     }
     let config = Config::load(options.config.as_deref())?;
     let interfaces = resolve_interfaces(&options.interfaces)?;
+    let cgroup = resolve_cgroup(options.cgroup.as_deref())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, agent(config, interfaces, options))
+    local.block_on(&runtime, agent(config, interfaces, cgroup, options))
+}
+
+fn resolve_cgroup(asked: Option<&std::path::Path>) -> Result<PathBuf> {
+    let path = match asked {
+        Some(path) => path.to_path_buf(),
+        None => PathBuf::from(netinfo::cgroup2_root().ok_or_else(|| {
+            usage("no cgroup v2 hierarchy is mounted; mount one or name a directory with --cgroup")
+        })?),
+    };
+    if !netinfo::is_cgroup2_dir(&path) {
+        return Err(usage(format!(
+            "{} is not a cgroup v2 directory (--cgroup)",
+            path.display()
+        )));
+    }
+    Ok(path)
 }
 
 fn resolve_interfaces(asked: &[String]) -> Result<Vec<String>> {
@@ -88,6 +113,7 @@ struct Agent {
     config: Config,
     endpoints: EndpointTable,
     circuits: Circuits,
+    enforcer: Enforcer,
     /// Outbound handshakes waiting for an answer, with their breaker tickets.
     handshakes: ConnDeadlines<Ticket>,
     /// Recent successes a reset before reply may still amend.
@@ -97,11 +123,12 @@ struct Agent {
 }
 
 impl Agent {
-    fn new(config: Config) -> Self {
+    fn new(config: Config, enforcer: Enforcer) -> Self {
         Agent {
             config,
             endpoints: EndpointTable::default(),
             circuits: Circuits::default(),
+            enforcer,
             handshakes: ConnDeadlines::new(MAX_PENDING_HANDSHAKES),
             successes: ConnDeadlines::new(MAX_PENDING_HANDSHAKES),
             reported_overflow: 0,
@@ -169,6 +196,7 @@ impl Agent {
         }
         self.successes.expire(now);
         self.circuits.tick(now);
+        self.enforce(now);
         self.endpoints.end_tick();
         let overflowed = self.handshakes.overflowed;
         if overflowed > self.reported_overflow {
@@ -194,11 +222,78 @@ impl Agent {
         }
     }
 
+    /// Writes the circuits' verdicts into the kernel, refreshing their expiry.
+    fn enforce(&mut self, now: u64) {
+        let desired = self.circuits.desired();
+        self.enforcer.sync(now, &desired);
+    }
+
+    /// After kernel events: enforce at once if a circuit changed state.
+    fn enforce_changes(&mut self) {
+        if self.circuits.dirty() {
+            self.enforce(monotonic_ns());
+        }
+    }
+
+    /// An operator's command for an endpoint or a named dependency.
+    fn manual(&mut self, action: ManualAction, target: &str) -> Response {
+        let now = monotonic_ns();
+        let keys: Vec<EndpointKey> = match target.parse::<SocketAddr>() {
+            Ok(addr) => vec![endpoint_key(addr)],
+            Err(_) => {
+                let Some(dependency) = self
+                    .config
+                    .policies
+                    .dependencies
+                    .iter()
+                    .find(|d| d.name == target)
+                else {
+                    return Response::Error(format!(
+                        "{target} is neither an endpoint like 10.0.3.7:5432 nor a dependency of the configuration"
+                    ));
+                };
+                // The dependency's known endpoints, and every exact endpoint it names.
+                let mut keys = self.circuits.of_dependency(target);
+                for pattern in &dependency.endpoints {
+                    if let (Some(net), Some(port)) = (pattern.net, pattern.port) {
+                        if net.prefix_len() == net.max_prefix_len() {
+                            let key = endpoint_key(SocketAddr::new(net.addr(), port));
+                            if !keys.contains(&key) {
+                                keys.push(key);
+                            }
+                        }
+                    }
+                }
+                if keys.is_empty() {
+                    return Response::Error(format!(
+                        "dependency {target} has no known endpoint yet (its patterns are prefixes; name an endpoint)"
+                    ));
+                }
+                keys
+            }
+        };
+        let mut endpoints = Vec::new();
+        for key in keys {
+            let state = self
+                .circuits
+                .manual(key, action, now, &self.config.policies);
+            endpoints.push(ManualResult {
+                endpoint: socket_addr(&key).to_string(),
+                dependency: self.circuits.get(&key).and_then(|c| c.dependency.clone()),
+                state: state.to_string(),
+            });
+        }
+        self.enforce(now);
+        Response::Manual(ManualReport { endpoints })
+    }
+
     /// SIGHUP: read the configuration again; keep the old one if the new one is invalid.
     fn reload(&mut self) {
         match self.config.reload() {
             Ok(config) => {
                 self.circuits.apply(&config.policies);
+                self.enforcer
+                    .set_fail_open_ns(config.fail_open_after.as_nanos() as u64);
                 info!(
                     "configuration reloaded from {} ({} dependencies)",
                     config.source,
@@ -210,8 +305,9 @@ impl Agent {
         }
     }
 
-    fn answer(&self, request: Request) -> Response {
+    fn answer(&mut self, request: Request) -> Response {
         match request {
+            Request::Manual { action, target } => self.manual(action, &target),
             Request::Status => Response::Status(StatusReport {
                 endpoints: self.status(),
             }),
@@ -247,7 +343,30 @@ fn watch<T: AsRawFd>(inner: T, what: &str) -> Result<AsyncFd<T>> {
         .map_err(|e| anyhow!("cannot watch {what}: {e}"))
 }
 
-async fn agent(config: Config, interfaces: Vec<String>, options: DaemonOptions) -> Result<()> {
+/// The outbound endpoint key of a socket address.
+fn endpoint_key(addr: SocketAddr) -> EndpointKey {
+    let (addr_bytes, family) = match addr.ip() {
+        std::net::IpAddr::V4(ip) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&ip.octets());
+            (b, FAMILY_IPV4)
+        }
+        std::net::IpAddr::V6(ip) => (ip.octets(), FAMILY_IPV6),
+    };
+    EndpointKey {
+        addr: addr_bytes,
+        port: addr.port(),
+        family,
+        direction: Direction::Outbound as u8,
+    }
+}
+
+async fn agent(
+    config: Config,
+    interfaces: Vec<String>,
+    cgroup: PathBuf,
+    options: DaemonOptions,
+) -> Result<()> {
     // Before anything is attached, so a signal during start-up still ends in a clean exit.
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
@@ -255,7 +374,9 @@ async fn agent(config: Config, interfaces: Vec<String>, options: DaemonOptions) 
     for iface in &interfaces {
         probes.attach_tc(iface)?;
     }
+    probes.attach_cgroup(&cgroup)?;
     let (mut collector, ring) = Collector::new(&mut probes)?;
+    let enforcer = Enforcer::new(&mut probes, config.fail_open_after.as_nanos() as u64)?;
     let mut ring: AsyncFd<RingBuf<MapData>> = watch(ring, "the handshake ring buffer")?;
     let mut bpf_logger = watch(probes.take_logger()?, "the BPF log ring buffer")?;
     let server = Rc::new(Server::bind(&options.socket)?);
@@ -267,10 +388,11 @@ async fn agent(config: Config, interfaces: Vec<String>, options: DaemonOptions) 
     let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let mut tick = tokio::time::interval(config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut agent = Agent::new(config);
+    let mut agent = Agent::new(config, enforcer);
     info!(
-        "resil daemon observing {} (socket {}, configuration from {})",
+        "resil daemon observing {}, enforcing for cgroup {} (socket {}, configuration from {})",
         interfaces.join(", "),
+        cgroup.display(),
         options.socket.display(),
         agent.config.source
     );
@@ -286,6 +408,7 @@ async fn agent(config: Config, interfaces: Vec<String>, options: DaemonOptions) 
                 let mut guard = ready.context("waiting on the handshake ring buffer failed")?;
                 collector::drain(guard.get_inner_mut(), |event| agent.on_handshake(event));
                 guard.clear_ready();
+                agent.enforce_changes();
             }
             ready = bpf_logger.readable_mut() => {
                 let mut guard = ready.context("waiting on the BPF log failed")?;
@@ -300,6 +423,8 @@ async fn agent(config: Config, interfaces: Vec<String>, options: DaemonOptions) 
             _ = terminate.recv() => { info!("SIGTERM: detaching and exiting"); break; }
         }
     }
+    // Nothing stays enforced after a clean shutdown, not even until the verdicts expire.
+    agent.enforcer.clear();
     serving.abort();
     // Give the aborted task a moment to drop its handle on the server before we remove it.
     tokio::time::sleep(Duration::from_millis(1)).await;

@@ -127,6 +127,12 @@ impl EndpointTable {
         );
         add_delta(&mut t.retransmits, l.retransmits, now.retransmits);
         add_delta(&mut t.unreachable, l.unreachable, now.unreachable);
+        add_delta(&mut t.fast_failed, l.fast_failed, now.fast_failed);
+        add_delta(
+            &mut t.would_fast_fail,
+            l.would_fast_fail,
+            now.would_fast_fail,
+        );
         e.last = *now;
     }
 
@@ -197,7 +203,8 @@ fn status_of(key: &EndpointKey, e: &Endpoint) -> EndpointStatus {
         resets_out: t.resets_out,
         syn_retransmits: t.syn_retransmits,
         retransmits: t.retransmits,
-        fast_failed: 0,
+        fast_failed: t.fast_failed,
+        would_fast_fail: t.would_fast_fail,
         failure_rate: None,
         connect_latency_us,
         reason: None,

@@ -14,6 +14,7 @@ pub mod collector;
 pub mod config;
 pub mod daemon;
 pub mod endpoints;
+pub mod enforcer;
 pub mod error;
 pub mod handshakes;
 pub mod netinfo;

@@ -42,6 +42,26 @@ pub fn interface_exists(name: &str) -> bool {
     !name.is_empty() && nix::net::if_::if_nametoindex(name).is_ok()
 }
 
+/// Where cgroup v2 is mounted, from a `/proc/mounts` text (the unified hierarchy of a hybrid
+/// setup included).
+pub fn cgroup2_mount(mounts: &str) -> Option<String> {
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, path, kind) = (fields.next()?, fields.next()?, fields.next()?);
+        (kind == "cgroup2").then(|| path.to_string())
+    })
+}
+
+/// The cgroup v2 root of this machine.
+pub fn cgroup2_root() -> Option<String> {
+    cgroup2_mount(&fs::read_to_string("/proc/mounts").ok()?)
+}
+
+/// Whether `path` is a directory of a cgroup v2 hierarchy.
+pub fn is_cgroup2_dir(path: &std::path::Path) -> bool {
+    path.join("cgroup.procs").is_file() && path.join("cgroup.controllers").is_file()
+}
+
 /// Link types whose frames start with an Ethernet header, which is what the programs parse.
 const ARPHRD_ETHER: u16 = 1;
 const ARPHRD_LOOPBACK: u16 = 772;
@@ -103,6 +123,20 @@ mod tests {
             00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 00000400 00000001 00000000 00000003     eth0\n";
         assert_eq!(default_ipv6_interface(table).as_deref(), Some("eth0"));
         assert_eq!(default_ipv6_interface("garbage"), None);
+    }
+
+    #[test]
+    fn finds_the_cgroup2_mount_also_in_hybrid_setups() {
+        let hybrid = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\n\
+            cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n\
+            cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
+        assert_eq!(
+            cgroup2_mount(hybrid).as_deref(),
+            Some("/sys/fs/cgroup/unified")
+        );
+        let unified = "cgroup2 /sys/fs/cgroup cgroup2 rw,nsdelegate 0 0\n";
+        assert_eq!(cgroup2_mount(unified).as_deref(), Some("/sys/fs/cgroup"));
+        assert_eq!(cgroup2_mount("proc /proc proc rw 0 0\n"), None);
     }
 
     #[test]

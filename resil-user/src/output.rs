@@ -6,7 +6,7 @@ use comfy_table::{presets::UTF8_BORDERS_ONLY, Cell, CellAlignment, Table};
 use std::net::SocketAddr;
 
 use crate::{
-    api::{EndpointStatus, EventsReport, Side, StatusReport},
+    api::{EndpointStatus, EventsReport, ManualReport, Side, StatusReport},
     config::Config,
     policy::PolicyView,
 };
@@ -36,8 +36,18 @@ fn status_table(endpoints: &[EndpointStatus]) -> String {
     let mut table = Table::new();
     table.load_preset(UTF8_BORDERS_ONLY);
     table.set_header([
-        "ENDPOINT", "DIR", "STATE", "ATTEMPTS", "SUCCESS", "P50", "P99", "REFUSED", "TIMEOUTS",
-        "RESETS", "RETRANS",
+        "ENDPOINT",
+        "DIR",
+        "STATE",
+        "ATTEMPTS",
+        "SUCCESS",
+        "P50",
+        "P99",
+        "REFUSED",
+        "TIMEOUTS",
+        "RESETS",
+        "RETRANS",
+        "FAST-FAILED",
     ]);
     for e in endpoints {
         let success = match e.failure_rate {
@@ -61,6 +71,11 @@ fn status_table(endpoints: &[EndpointStatus]) -> String {
             e.timeouts.to_string(),
             format!("{}/{}", e.resets_in, e.resets_out),
             (e.syn_retransmits + e.retransmits).to_string(),
+            if e.would_fast_fail > 0 {
+                format!("({} would)", e.would_fast_fail)
+            } else {
+                e.fast_failed.to_string()
+            },
         ];
         let name = display_name(&e.endpoint, e.dependency.as_deref());
         let mut row = vec![Cell::new(name), Cell::new(dir), Cell::new(&e.state)];
@@ -91,6 +106,25 @@ pub fn events(report: &EventsReport, format: Format) -> String {
             }
             table.to_string()
         }
+    }
+}
+
+/// `resil trip|reset|disable` output.
+pub fn manual(report: &ManualReport, format: Format) -> String {
+    match format {
+        Format::Json => json(report),
+        Format::Table => report
+            .endpoints
+            .iter()
+            .map(|e| {
+                format!(
+                    "{}: {}",
+                    display_name(&e.endpoint, e.dependency.as_deref()),
+                    e.state
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
     }
 }
 
@@ -165,6 +199,7 @@ mod tests {
             syn_retransmits: 1,
             retransmits: 4,
             fast_failed: 0,
+            would_fast_fail: 0,
             failure_rate: Some(0.1),
             connect_latency_us: Some(Latency {
                 p50: 40.0,
@@ -206,7 +241,8 @@ mod tests {
                 "state",
                 "syn_retransmits",
                 "timeouts",
-                "unreachable"
+                "unreachable",
+                "would_fast_fail"
             ]
         );
         assert_eq!(value["endpoints"][0]["connect_latency_us"]["p99"], 2500.0);

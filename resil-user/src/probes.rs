@@ -2,9 +2,11 @@
 //! detached when [`Probes`] is dropped: on shutdown, on a start-up error, on a panic.
 
 use anyhow::{Context as _, Result};
+use std::{fs::File, path::Path};
+
 use aya::{
     maps::Map,
-    programs::{tc, SchedClassifier, TcAttachType},
+    programs::{tc, CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType},
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
@@ -18,6 +20,9 @@ const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
     ("resil_tc_ingress", TcAttachType::Ingress),
     ("resil_tc_egress", TcAttachType::Egress),
 ];
+
+/// cgroup connect programs in the object.
+const CONNECT_PROGRAMS: [&str; 2] = ["resil_connect4", "resil_connect6"];
 
 /// The loaded programs and everything they are attached to.
 pub struct Probes {
@@ -63,6 +68,15 @@ impl Probes {
                 .load()
                 .with_context(|| format!("the kernel rejected the BPF program {name}"))?;
         }
+        for name in CONNECT_PROGRAMS {
+            let program: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .with_context(|| format!("the BPF object has no program {name}"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("the kernel rejected the BPF program {name}"))?;
+        }
         Ok(Probes {
             ebpf,
             added_qdiscs: Vec::new(),
@@ -92,6 +106,28 @@ impl Probes {
             program
                 .attach(iface, point)
                 .with_context(|| format!("cannot attach {name} to interface {iface}"))?;
+        }
+        Ok(())
+    }
+
+    /// Attaches the connect hooks to a cgroup v2 directory: sockets of processes in it (and
+    /// below) are refused at `connect()` when their endpoint's circuit is open. The hooks
+    /// attach as BPF links (kernel ≥ 5.7), which leave other programs on the cgroup alone
+    /// whatever the attach mode; the mode's flags are only for the legacy attach.
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
+        let dir = File::open(cgroup)
+            .with_context(|| format!("cannot open the cgroup {}", cgroup.display()))?;
+        for name in CONNECT_PROGRAMS {
+            let program: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .with_context(|| format!("the BPF object has no program {name}"))?
+                .try_into()?;
+            program
+                .attach(&dir, CgroupAttachMode::Single)
+                .with_context(|| {
+                    format!("cannot attach {name} to the cgroup {}", cgroup.display())
+                })?;
         }
         Ok(())
     }

@@ -78,6 +78,27 @@ pub struct Lab {
     pub server_if: String,
     /// A private scratch directory (socket, config), removed on drop.
     pub dir: PathBuf,
+    /// A child cgroup of the lab's own: the daemon enforces for it, clients run in it.
+    pub cgroup: PathBuf,
+}
+
+/// One connection attempt made by [`Lab::connect_in_cgroup`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attempt {
+    /// `ok`, or the `std::io::ErrorKind` name (`ConnectionRefused`, `TimedOut`, …).
+    pub outcome: String,
+    pub elapsed: Duration,
+}
+
+fn cgroup2_root() -> PathBuf {
+    let mounts = std::fs::read_to_string("/proc/mounts").expect("/proc/mounts");
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .expect("a cgroup v2 hierarchy")
 }
 
 impl Lab {
@@ -97,9 +118,11 @@ impl Lab {
             client_if: format!("rc{id}"),
             server_if: format!("rs{id}"),
             dir: std::env::temp_dir().join(format!("resil-lab-{tag}-{id}")),
+            cgroup: cgroup2_root().join(format!("resil-test-{tag}-{id}")),
         };
         // From here on, Drop cleans up whatever part was made.
         std::fs::create_dir_all(&lab.dir)?;
+        std::fs::create_dir_all(&lab.cgroup)?;
         sh("ip", &["netns", "add", &lab.client_ns])?;
         sh("ip", &["netns", "add", &lab.server_ns])?;
         sh(
@@ -209,12 +232,60 @@ impl Lab {
 
     /// Like [`Lab::daemon`] with the given configuration file text.
     pub fn daemon_with_config(&self, config: &str) -> Result<Daemon> {
-        Daemon::start(&self.client_ns, &self.client_if, &self.dir, config)
+        Daemon::start(
+            &self.client_ns,
+            &self.client_if,
+            &self.cgroup,
+            &self.dir,
+            config,
+        )
     }
 
     /// The daemon on the server side instead, to watch the services clients connect to.
     pub fn server_daemon(&self) -> Result<Daemon> {
-        Daemon::start(&self.server_ns, &self.server_if, &self.dir, "")
+        Daemon::start(
+            &self.server_ns,
+            &self.server_if,
+            &self.cgroup,
+            &self.dir,
+            "",
+        )
+    }
+
+    /// Makes `count` connections to `addr` from a process in the lab's cgroup and the client
+    /// namespace (where resil enforces), each with `timeout`; all at once if `parallel`.
+    pub fn connect_in_cgroup(
+        &self,
+        addr: SocketAddr,
+        count: usize,
+        timeout: Duration,
+        parallel: bool,
+    ) -> Vec<Attempt> {
+        let mut cmd = Command::new(target_bin("resil-connect"));
+        cmd.arg(&self.cgroup)
+            .arg(&self.client_ns)
+            .arg(addr.to_string())
+            .arg(count.to_string())
+            .arg(timeout.as_millis().to_string());
+        if parallel {
+            cmd.arg("parallel");
+        }
+        let out = cmd.output().expect("run resil-connect");
+        assert!(
+            out.status.success(),
+            "resil-connect: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|line| {
+                let v: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+                Attempt {
+                    outcome: v["outcome"].as_str().unwrap_or("?").to_string(),
+                    elapsed: Duration::from_micros(v["elapsed_us"].as_u64().unwrap_or(0)),
+                }
+            })
+            .collect()
     }
 }
 
@@ -224,6 +295,8 @@ impl Drop for Lab {
         let _ = sh("ip", &["netns", "del", &self.client_ns]);
         let _ = sh("ip", &["netns", "del", &self.server_ns]);
         let _ = std::fs::remove_dir_all(&self.dir);
+        // Its processes (clients) have exited by now; an empty cgroup is removed with rmdir.
+        let _ = std::fs::remove_dir(&self.cgroup);
     }
 }
 
@@ -359,13 +432,18 @@ impl Drop for Server {
 
 /// The `resil` binary built by `cargo xtask build` (or `RESIL_BIN`).
 pub fn resil_bin() -> PathBuf {
-    if let Some(path) = std::env::var_os("RESIL_BIN") {
-        return PathBuf::from(path);
+    match std::env::var_os("RESIL_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => target_bin("resil"),
     }
-    // target/<profile>/deps/<test-binary> → target/<profile>/resil
+}
+
+/// A binary of this workspace, next to the test binary's directory:
+/// target/<profile>/deps/<test> → target/<profile>/<name>.
+pub fn target_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = profile_dir.join("resil");
+    let bin = profile_dir.join(name);
     assert!(
         bin.exists(),
         "{} not found: build it first (`cargo xtask test` does)",
@@ -383,7 +461,7 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    fn start(netns: &str, iface: &str, dir: &Path, config: &str) -> Result<Daemon> {
+    fn start(netns: &str, iface: &str, cgroup: &Path, dir: &Path, config: &str) -> Result<Daemon> {
         let n = LABS.fetch_add(1, Ordering::SeqCst);
         let socket = dir.join(format!("resil-{n}.sock"));
         let config_path = dir.join(format!("resil-{n}.toml"));
@@ -398,6 +476,8 @@ impl Daemon {
             .arg(&socket)
             .arg("--config")
             .arg(&config_path)
+            .arg("--cgroup")
+            .arg(cgroup)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)

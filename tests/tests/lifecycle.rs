@@ -74,6 +74,8 @@ fn a_second_daemon_on_the_same_socket_fails_and_leaves_the_first_alone() {
         .arg(resil_bin())
         .args(["daemon", "--iface", &lab.client_if, "--socket"])
         .arg(&first.socket)
+        .arg("--cgroup")
+        .arg(&lab.cgroup)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -98,6 +100,10 @@ fn resil(args: &[&str]) -> (i32, String) {
     )
 }
 
+/// A cgroup that does not exist: should a test reach the attach step by mistake, it fails
+/// instead of attaching to the machine's root cgroup.
+const NO_CGROUP: &str = "/nonexistent/resil-test-cgroup";
+
 #[test]
 fn bad_usage_and_missing_daemon_are_clear() {
     let (code, err) = resil(&[
@@ -106,6 +112,8 @@ fn bad_usage_and_missing_daemon_are_clear() {
         "resil-nope0",
         "--socket",
         "/tmp/resil-nope.sock",
+        "--cgroup",
+        NO_CGROUP,
     ]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("interface resil-nope0 not found"), "{err}");
@@ -120,6 +128,8 @@ fn bad_usage_and_missing_daemon_are_clear() {
         "lo",
         "--config",
         &config.to_string_lossy(),
+        "--cgroup",
+        NO_CGROUP,
     ]);
     assert_eq!(code, 2, "{err}");
     assert!(
@@ -134,6 +144,10 @@ fn bad_usage_and_missing_daemon_are_clear() {
 
     let (code, err) = resil(&["status", "-o", "yaml"]);
     assert_eq!(code, 2, "{err}");
+
+    let (code, err) = resil(&["daemon", "--iface", "lo", "--cgroup", NO_CGROUP]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("is not a cgroup v2 directory"), "{err}");
 }
 
 #[test]
@@ -162,6 +176,8 @@ fn non_root_users_get_one_clear_sentence() {
         "lo",
         "--socket",
         "/tmp/resil-nobody.sock",
+        "--cgroup",
+        NO_CGROUP,
     ]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("must run as root"), "{err}");
@@ -192,6 +208,8 @@ fn refuses_interfaces_without_ethernet_frames() {
         .arg(resil_bin())
         .args(["daemon", "--iface", "rtun0", "--socket"])
         .arg(lab.dir.join("tun.sock"))
+        .arg("--cgroup")
+        .arg(&lab.cgroup)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -38,6 +38,8 @@ fn seg(way: Way, flags: u8, seq: u32, ack: u32, payload_len: u32) -> TcpSegment 
         ack,
         flags,
         payload_len,
+        ip_offset: 14,
+        tcp_offset: 34,
     }
 }
 

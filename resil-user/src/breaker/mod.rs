@@ -529,6 +529,11 @@ impl Breaker {
         self.close(now_ns, Reason::Manual)
     }
 
+    /// Transitions so far: a half-open period's probe tokens carry it.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// Whether time alone can change the state (OPEN, or HALF_OPEN with a time limit).
     pub fn waiting(&self) -> bool {
         match self.state {

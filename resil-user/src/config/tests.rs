@@ -22,6 +22,7 @@ fn the_embedded_file_is_the_built_in_defaults() {
     assert_eq!(embedded.policies, empty.policies);
     assert_eq!(embedded.policies.defaults, Policy::default());
     assert_eq!(embedded.tick, Duration::from_millis(100));
+    assert_eq!(embedded.fail_open_after, Duration::from_secs(3));
 }
 
 #[test]
@@ -30,6 +31,7 @@ fn every_key_can_be_set() {
         r#"
         [daemon]
         tick = "250ms"
+        fail_open_after = "5s"
         [defaults]
         connect_timeout = "300ms"
         mode = "metrics_only"
@@ -54,6 +56,7 @@ fn every_key_can_be_set() {
     let p = c.policies.defaults;
     let b = p.breaker;
     assert_eq!(c.tick, Duration::from_millis(250));
+    assert_eq!(c.fail_open_after, Duration::from_secs(5));
     assert_eq!(p.connect_timeout, Duration::from_millis(300));
     assert_eq!(b.mode, Mode::MetricsOnly);
     assert_eq!(
@@ -214,6 +217,11 @@ fn out_of_range_values_say_what_was_expected() {
 
 #[test]
 fn inconsistent_settings_are_errors() {
+    let m = error("[daemon]\ntick = \"1s\"\nfail_open_after = \"1s\"\n");
+    assert!(
+        m.contains("fail_open_after (1s) must be at least twice tick (1s)"),
+        "{m}"
+    );
     let m = error("[defaults]\nopen_wait = \"2m\"\nopen_wait_max = \"1m\"\n");
     assert!(
         m.contains("open_wait (2m) is longer than open_wait_max (1m)"),
