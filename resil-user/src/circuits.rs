@@ -158,10 +158,13 @@ impl Circuits {
     }
 
     /// Applies new policies to every circuit, keeping states and figures.
-    pub fn apply(&mut self, policies: &Policies) {
+    pub fn apply(&mut self, policies: &Policies, now_ns: u64) {
+        let mut happened = Vec::new();
         for (key, circuit) in &mut self.circuits {
             let resolved = policies.resolve(socket_addr(key));
-            circuit.breaker.set_policy(resolved.policy.breaker);
+            if let Some(t) = circuit.breaker.set_policy(resolved.policy.breaker, now_ns) {
+                happened.push((*key, t));
+            }
             circuit.connect_timeout = resolved.policy.connect_timeout;
             circuit.dependency = resolved.dependency.map(|d| d.name.clone());
             // A new half-open time limit can make a circuit wait on time, or stop it; a new
@@ -172,6 +175,17 @@ impl Circuits {
             } else {
                 self.waiting.remove(key);
             }
+        }
+        for (key, t) in happened {
+            self.note(key, t);
+        }
+    }
+
+    /// Gives back the slot of an admitted attempt whose outcome will never arrive.
+    pub fn release(&mut self, key: EndpointKey, ticket: Ticket) {
+        if let Some(circuit) = self.circuits.get_mut(&key) {
+            circuit.breaker.release(ticket);
+            self.dirty = true;
         }
     }
 
@@ -187,7 +201,7 @@ impl Circuits {
                     (State::Open, Mode::MetricsOnly) => Desired::Observe,
                     (State::HalfOpen, Mode::Enforce) => Desired::Probe {
                         generation: b.generation() as u32,
-                        probes: b.policy().half_open_probes.min(MAX_PROBES),
+                        probes: b.probe_tokens().min(MAX_PROBES),
                     },
                     _ => return None,
                 };
@@ -332,7 +346,7 @@ mod tests {
         // Reload without the dependency: the circuit stays, its policy changes.
         let (ticket, _) = c.admit(key(80), 0, &p);
         c.record(key(80), 0, ticket, Outcome::Failure(FailureKind::Refused));
-        c.apply(&Policies::default());
+        c.apply(&Policies::default(), 0);
         let circuit = c.get(&key(80)).unwrap();
         assert_eq!(circuit.dependency, None);
         assert_eq!(circuit.breaker.policy().consecutive_failures, 5);

@@ -200,8 +200,12 @@ struct DaemonKeys {
 struct DependencyKeys {
     name: Spanned<String>,
     endpoints: Vec<Spanned<EndpointPattern>>,
-    #[serde(default)]
-    policy: PolicyKeys,
+    #[serde(default = "no_policy_keys")]
+    policy: Spanned<PolicyKeys>,
+}
+
+fn no_policy_keys() -> Spanned<PolicyKeys> {
+    Spanned::new(0..0, PolicyKeys::default())
 }
 
 /// Every policy key, all optional: what a table sets over what it inherits.
@@ -229,13 +233,33 @@ struct PolicyKeys {
     half_open_max_duration: Option<Dur<0, 3_600_000>>,
 }
 
+/// A policy-table error: the key it is about, and the sentence.
+type KeyError = (&'static str, String);
+
+/// Byte offset of `key = …` inside `range` of `text` (a table's body), if it is there.
+fn key_offset(text: &str, range: std::ops::Range<usize>, key: &str) -> Option<usize> {
+    let body = text.get(range.clone())?;
+    let mut from = 0;
+    while let Some(found) = body[from..].find(key) {
+        let at = from + found;
+        let before = body[..at].chars().next_back();
+        let after = body[at + key.len()..].trim_start();
+        let starts_word = before.is_none_or(|c| !(c.is_alphanumeric() || c == '_'));
+        if starts_word && after.starts_with('=') {
+            return Some(range.start + at);
+        }
+        from = at + key.len();
+    }
+    None
+}
+
 fn ns(d: Duration) -> u64 {
     d.as_nanos().min(u64::MAX as u128) as u64
 }
 
 impl PolicyKeys {
-    /// `base` with this table's keys applied; `what` names the table in errors.
-    fn apply(&self, base: &Policy) -> Result<Policy, String> {
+    /// `base` with this table's keys applied. An error names the key it is about.
+    fn apply(&self, base: &Policy) -> Result<Policy, KeyError> {
         let mut p = *base;
         let b = &mut p.breaker;
         if let Some(Dur(v)) = self.connect_timeout {
@@ -245,6 +269,12 @@ impl PolicyKeys {
             b.mode = v;
         }
         if let Some(kinds) = &self.failures {
+            if kinds.is_empty() {
+                return Err((
+                    "failures",
+                    "failures: expected at least one of \"refused\", \"timeout\", \"unreachable\", \"reset\"".into(),
+                ));
+            }
             b.failures = FailureSet::of(kinds);
         }
         if let Some(Ranged(v, _)) = self.failure_rate_threshold {
@@ -284,18 +314,42 @@ impl PolicyKeys {
         if let Some(Dur(v)) = self.half_open_max_duration {
             b.half_open_max_ns = ns(v);
         }
+        if let WindowPolicy::Count { calls } = b.window {
+            if b.minimum_calls > calls {
+                let key = if self.minimum_calls.is_some() {
+                    "minimum_calls"
+                } else {
+                    "window_calls"
+                };
+                return Err((
+                    key,
+                    format!(
+                        "minimum_calls ({}) is more than window_calls ({calls}): the rate rules could never fire",
+                        b.minimum_calls
+                    ),
+                ));
+            }
+        }
         if b.backoff.base_ns > b.backoff.max_ns {
-            return Err(format!(
-                "open_wait ({}) is longer than open_wait_max ({})",
-                humantime::format_duration(Duration::from_nanos(b.backoff.base_ns)),
-                humantime::format_duration(Duration::from_nanos(b.backoff.max_ns)),
+            let key = if self.open_wait.is_some() {
+                "open_wait"
+            } else {
+                "open_wait_max"
+            };
+            return Err((
+                key,
+                format!(
+                    "open_wait ({}) is longer than open_wait_max ({})",
+                    humantime::format_duration(Duration::from_nanos(b.backoff.base_ns)),
+                    humantime::format_duration(Duration::from_nanos(b.backoff.max_ns)),
+                ),
             ));
         }
         Ok(p)
     }
 
     /// The window after this table's keys; keys of the other window kind are errors.
-    fn window(&self, inherited: WindowPolicy) -> Result<WindowPolicy, String> {
+    fn window(&self, inherited: WindowPolicy) -> Result<WindowPolicy, KeyError> {
         let kind = match (self.sliding_window, inherited) {
             (Some(kind), _) => kind,
             (None, WindowPolicy::Time { .. }) => WindowKind::Time,
@@ -304,9 +358,10 @@ impl PolicyKeys {
         match kind {
             WindowKind::Time => {
                 if self.window_calls.is_some() {
-                    return Err(
+                    return Err((
+                        "window_calls",
                         "window_calls applies to sliding_window = \"count\", not \"time\"".into(),
-                    );
+                    ));
                 }
                 let (mut duration_ns, mut buckets) = match inherited {
                     WindowPolicy::Time {
@@ -322,8 +377,11 @@ impl PolicyKeys {
                     buckets = n;
                 }
                 if duration_ns / (buckets as u64) < 1_000_000 {
-                    return Err(format!(
-                        "window_duration split into {buckets} window_buckets gives buckets under 1ms"
+                    return Err((
+                        "window_buckets",
+                        format!(
+                            "window_duration split into {buckets} window_buckets gives buckets under 1ms"
+                        ),
                     ));
                 }
                 Ok(WindowPolicy::Time {
@@ -333,7 +391,15 @@ impl PolicyKeys {
             }
             WindowKind::Count => {
                 if self.window_duration.is_some() || self.window_buckets.is_some() {
-                    return Err("window_duration and window_buckets apply to sliding_window = \"time\", not \"count\"".into());
+                    let key = if self.window_duration.is_some() {
+                        "window_duration"
+                    } else {
+                        "window_buckets"
+                    };
+                    return Err((
+                        key,
+                        "window_duration and window_buckets apply to sliding_window = \"time\", not \"count\"".into(),
+                    ));
                 }
                 let calls = match (self.window_calls, inherited) {
                     (Some(Count(n)), _) => n,
@@ -353,12 +419,23 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
-/// The key on a line (`key = value`), if any.
-fn key_on_line(text: &str, line: usize) -> Option<String> {
-    let l = text.lines().nth(line.checked_sub(1)?)?;
-    let (key, _) = l.split_once('=')?;
-    let key = key.trim();
-    (!key.is_empty() && !key.starts_with('[')).then(|| key.to_string())
+/// The key whose value starts at `offset` (`key = value`, also inside `{ … }`), if any.
+fn key_before(text: &str, offset: usize) -> Option<String> {
+    let line_start = text[..offset.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let before = &text[line_start..offset.min(text.len())];
+    let eq = before.rfind('=')?;
+    let key: String = before[..eq]
+        .trim_end()
+        .chars()
+        .rev()
+        .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '-' || *c == '.')
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    (!key.is_empty()).then_some(key)
 }
 
 impl Config {
@@ -366,7 +443,7 @@ impl Config {
     pub fn parse(text: &str, source: Source) -> Result<Config> {
         let file: File = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|s| line_of(text, s.start));
-            let key = line.and_then(|l| key_on_line(text, l));
+            let key = e.span().and_then(|s| key_before(text, s.start));
             let message = e.message().trim_end_matches('\n').replace('\n', " ");
             let at = match (line, key) {
                 (Some(line), Some(key)) => format!(" line {line}: {key}:"),
@@ -382,13 +459,14 @@ impl Config {
             ))
         };
 
-        let (default_keys, defaults_at) = match &file.defaults {
-            Some(keys) => (keys.get_ref().clone(), keys.span().start),
-            None => (PolicyKeys::default(), 0),
+        let (default_keys, defaults_span) = match &file.defaults {
+            Some(keys) => (keys.get_ref().clone(), keys.span()),
+            None => (PolicyKeys::default(), 0..0),
         };
-        let defaults = default_keys
-            .apply(&Policy::default())
-            .map_err(|m| fail(defaults_at, format!("[defaults]: {m}")))?;
+        let defaults = default_keys.apply(&Policy::default()).map_err(|(key, m)| {
+            let at = key_offset(text, defaults_span.clone(), key).unwrap_or(defaults_span.start);
+            fail(at, format!("[defaults]: {m}"))
+        })?;
         let mut dependencies: Vec<Dependency> = Vec::new();
         let mut seen: HashMap<String, usize> = HashMap::new();
         // Every pattern with the dependency and line it came from, for the overlap check.
@@ -414,10 +492,10 @@ impl Config {
                     format!("dependency {name}: endpoints: expected at least one endpoint"),
                 ));
             }
-            let policy = keys
-                .policy
-                .apply(&defaults)
-                .map_err(|m| fail(at, format!("dependency {name}: {m}")))?;
+            let policy = keys.policy.get_ref().apply(&defaults).map_err(|(key, m)| {
+                let at = key_offset(text, keys.policy.span(), key).unwrap_or(at);
+                fail(at, format!("dependency {name}: {m}"))
+            })?;
             for pattern in &keys.endpoints {
                 patterns.push((*pattern.get_ref(), dependencies.len(), pattern.span().start));
             }
@@ -431,7 +509,7 @@ impl Config {
         // "most specific" rule can choose, so refuse.
         for (i, (a, dep_a, _)) in patterns.iter().enumerate() {
             for (b, dep_b, at_b) in &patterns[i + 1..] {
-                if a == b
+                if a.same_scope(b)
                     && dep_a != dep_b
                     && dependencies[*dep_a].policy != dependencies[*dep_b].policy
                 {

@@ -149,7 +149,10 @@ impl Agent {
                 let deadline = event
                     .ts_ns
                     .saturating_add(connect_timeout.as_nanos() as u64);
-                self.handshakes.insert(conn, deadline, ticket);
+                if !self.handshakes.insert(conn, deadline, ticket) {
+                    // Cannot follow it: its outcome will never be recorded.
+                    self.circuits.release(endpoint, ticket);
+                }
                 return;
             }
             HandshakeKind::Established => {
@@ -291,7 +294,7 @@ impl Agent {
     fn reload(&mut self) {
         match self.config.reload() {
             Ok(config) => {
-                self.circuits.apply(&config.policies);
+                self.circuits.apply(&config.policies, monotonic_ns());
                 self.enforcer
                     .set_fail_open_ns(config.fail_open_after.as_nanos() as u64);
                 info!(

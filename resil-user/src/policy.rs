@@ -51,7 +51,7 @@ impl Default for Policy {
                     decay_ns: 60 * SEC,
                 },
                 half_open_probes: 1,
-                half_open_max_ns: 0,
+                half_open_max_ns: 30 * SEC,
             },
         }
     }
@@ -77,6 +77,19 @@ impl EndpointPattern {
     /// How specific the pattern is: longer prefixes first, then a given port over any port.
     pub fn specificity(&self) -> (u8, bool) {
         (self.net.map_or(0, |n| n.prefix_len()), self.port.is_some())
+    }
+
+    /// Whether both patterns match some endpoint with the same specificity, so the
+    /// most-specific rule cannot choose between them (`*:53` and `0.0.0.0/0:53` included).
+    pub fn same_scope(&self, other: &EndpointPattern) -> bool {
+        if self.port != other.port || self.specificity() != other.specificity() {
+            return false;
+        }
+        match (self.net, other.net) {
+            (Some(a), Some(b)) => a == b,
+            // `*` and a /0 prefix: both match every address of the prefix's family.
+            _ => true,
+        }
     }
 }
 
@@ -141,11 +154,10 @@ impl FromStr for EndpointPattern {
                     port: Some(parse_port(port)?),
                 })
             }
-            // Bare IPv6; with a port it must be written [addr]:port.
-            _ => Ok(EndpointPattern {
-                net: Some(parse_net(text)?),
-                port: None,
-            }),
+            // Bare IPv6 is ambiguous ("fd00::7:443": a port, or the address's last group?).
+            _ => Err(format!(
+                "`{text}`: write IPv6 in brackets, like [fd00::7], [fd00::7]:443 or [fd00::/64]:443"
+            )),
         }
     }
 }
@@ -164,6 +176,7 @@ impl fmt::Display for EndpointPattern {
                 };
                 match (net, port) {
                     (IpNet::V6(_), Some(port)) => write!(f, "[{text}]:{port}"),
+                    (IpNet::V6(_), None) => write!(f, "[{text}]"),
                     (_, Some(port)) => write!(f, "{text}:{port}"),
                     (_, None) => f.write_str(&text),
                 }
@@ -313,8 +326,8 @@ mod tests {
             "10.0.3.7",
             "[fd00::/64]:443",
             "[fd00::7]:443",
-            "fd00::7",
-            "fd00::/64",
+            "[fd00::7]",
+            "[fd00::/64]",
             "*:53",
             "*",
         ] {
@@ -337,6 +350,8 @@ mod tests {
             ("[fd00::1", "]"),
             ("[fd00::1]443", ":PORT"),
             ("*53", "*:PORT"),
+            ("fd00::7:443", "brackets"),
+            ("fd00::/64", "brackets"),
             ("", "IP address"),
         ] {
             let e = text.parse::<EndpointPattern>().unwrap_err();
@@ -350,8 +365,18 @@ mod tests {
         assert!(!pattern("10.0.4.0/24:5432").matches(addr("10.0.5.9:5432")));
         assert!(!pattern("10.0.4.0/24:5432").matches(addr("10.0.4.9:5433")));
         assert!(pattern("*:53").matches(addr("[fd00::1]:53")));
-        assert!(pattern("fd00::/64").matches(addr("[fd00::1]:1")));
-        assert!(!pattern("fd00::/64").matches(addr("10.0.0.1:1")));
+        assert!(pattern("[fd00::/64]").matches(addr("[fd00::1]:1")));
+        assert!(!pattern("[fd00::/64]").matches(addr("10.0.0.1:1")));
+    }
+
+    #[test]
+    fn equivalent_scopes_are_recognised() {
+        assert!(pattern("*:53").same_scope(&pattern("0.0.0.0/0:53")));
+        assert!(pattern("*").same_scope(&pattern("[::/0]")));
+        assert!(pattern("10.0.0.0/8").same_scope(&pattern("10.1.0.0/8")));
+        assert!(!pattern("*:53").same_scope(&pattern("*:54")));
+        assert!(!pattern("10.0.0.0/8").same_scope(&pattern("11.0.0.0/8")));
+        assert!(!pattern("10.0.0.0/8:80").same_scope(&pattern("10.0.0.0/8")));
     }
 
     #[test]

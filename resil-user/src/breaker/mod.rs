@@ -274,12 +274,17 @@ pub struct Ticket {
     probe: bool,
 }
 
-/// A recorded success that may still turn into a failure (reset before any reply).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A recorded success that may still turn into a failure (reset before any reply). Not
+/// `Copy`: amending consumes it, so one sample cannot be amended twice.
+#[derive(Debug, PartialEq, Eq)]
 pub struct Recorded {
     generation: u64,
+    /// Which window it went into (windows are rebuilt on close and on reshaping reloads).
+    window_epoch: u64,
     at: SampleRef,
     sample: Sample,
+    /// Successes recorded up to and including this one.
+    successes: u64,
 }
 
 /// The breaker of one endpoint.
@@ -290,13 +295,19 @@ pub struct Breaker {
     entered_ns: u64,
     generation: u64,
     window: Window,
+    /// Bumped whenever `window` is rebuilt, so old sample references die with it.
+    window_epoch: u64,
+    /// Successes recorded in CLOSED so far (to tell whether one came after a given sample).
+    successes: u64,
     consecutive_failures: u32,
     backoff: Backoff,
     /// OPEN: when the wait ends.
     open_until_ns: u64,
-    /// HALF_OPEN: probes admitted and probes that succeeded.
+    /// HALF_OPEN: probes admitted, probes that succeeded, and probe slots given back because
+    /// their outcome did not count (the kernel then needs as many more tokens).
     probes_admitted: u32,
     probes_succeeded: u32,
+    probes_released: u32,
     /// CLOSED: since when the backoff has been decaying.
     healthy_since_ns: u64,
     reason: Option<Reason>,
@@ -311,11 +322,14 @@ impl Breaker {
             entered_ns: now_ns,
             generation: 0,
             window: policy.window.build(),
+            window_epoch: 0,
+            successes: 0,
             consecutive_failures: 0,
             backoff: Backoff::new(seed),
             open_until_ns: 0,
             probes_admitted: 0,
             probes_succeeded: 0,
+            probes_released: 0,
             healthy_since_ns: now_ns,
             reason: None,
         }
@@ -382,12 +396,40 @@ impl Breaker {
         }
     }
 
+    /// Probe tokens the kernel should have handed out in this HALF_OPEN period: the policy's
+    /// probes plus those given back.
+    pub fn probe_tokens(&self) -> u32 {
+        self.policy
+            .half_open_probes
+            .saturating_add(self.probes_released)
+    }
+
     /// Applies a new policy, keeping the state; the window restarts only if its shape changed.
-    pub fn set_policy(&mut self, policy: BreakerPolicy) {
+    /// In HALF_OPEN, fewer probes than have already succeeded close the circuit at once.
+    pub fn set_policy(&mut self, policy: BreakerPolicy, now_ns: u64) -> Option<Transition> {
         if policy.window != self.policy.window {
-            self.window = policy.window.build();
+            self.rebuild_window(&policy);
         }
         self.policy = policy;
+        if self.state == State::HalfOpen && self.probes_succeeded >= policy.half_open_probes {
+            let probes = self.probes_succeeded;
+            return Some(self.close(now_ns, Reason::ProbesSucceeded { probes }));
+        }
+        None
+    }
+
+    fn rebuild_window(&mut self, policy: &BreakerPolicy) {
+        self.window = policy.window.build();
+        self.window_epoch += 1;
+    }
+
+    /// Gives back the slot of an admitted attempt whose outcome will never be recorded (the
+    /// caller could not keep its ticket).
+    pub fn release(&mut self, ticket: Ticket) {
+        if ticket.probe && ticket.generation == self.generation && self.state == State::HalfOpen {
+            self.probes_admitted = self.probes_admitted.saturating_sub(1);
+            self.probes_released = self.probes_released.saturating_add(1);
+        }
     }
 
     /// A connection attempt starts: may it go ahead? (Time-driven transitions happen in
@@ -433,7 +475,11 @@ impl Breaker {
                 failure: true,
                 slow: false,
             },
-            Outcome::Failure(_) => return (None, None),
+            Outcome::Failure(_) => {
+                // Counts neither way; a probe's slot goes back for another attempt.
+                self.release(ticket);
+                return (None, None);
+            }
         };
         match self.state {
             State::Closed => {
@@ -441,12 +487,15 @@ impl Breaker {
                 self.consecutive_failures = if sample.failure {
                     self.consecutive_failures.saturating_add(1)
                 } else {
+                    self.successes += 1;
                     0
                 };
                 let recorded = (!sample.failure).then_some(Recorded {
                     generation: self.generation,
+                    window_epoch: self.window_epoch,
                     at,
                     sample,
+                    successes: self.successes,
                 });
                 (recorded, self.check_trip(now_ns))
             }
@@ -471,8 +520,11 @@ impl Breaker {
 
     /// A success recorded earlier was reset by the peer before any reply: count it as a
     /// failure instead, if the policy counts resets and the sample is still in the window.
+    /// (A half-open probe counts at its handshake: closing the circuit starts a new
+    /// generation, and a reset after that is not amended.)
     pub fn amend_reset(&mut self, now_ns: u64, recorded: Recorded) -> Option<Transition> {
         if recorded.generation != self.generation
+            || recorded.window_epoch != self.window_epoch
             || self.state != State::Closed
             || !self.policy.failures.contains(FailureKind::Reset)
         {
@@ -488,7 +540,10 @@ impl Breaker {
         {
             return None;
         }
-        self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+        // It extends the current run of failures only if no success came after it.
+        if self.successes == recorded.successes {
+            self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+        }
         self.check_trip(now_ns)
     }
 
@@ -501,6 +556,7 @@ impl Breaker {
                 let waited_ms = now_ns.saturating_sub(self.entered_ns) as f64 / 1e6;
                 self.probes_admitted = 0;
                 self.probes_succeeded = 0;
+                self.probes_released = 0;
                 Some(self.enter(State::HalfOpen, now_ns, Reason::WaitElapsed { waited_ms }))
             }
             State::HalfOpen
@@ -608,7 +664,8 @@ impl Breaker {
 
     /// To CLOSED with an empty window.
     fn close(&mut self, now_ns: u64, reason: Reason) -> Transition {
-        self.window = self.policy.window.build();
+        let policy = self.policy;
+        self.rebuild_window(&policy);
         self.consecutive_failures = 0;
         self.healthy_since_ns = now_ns;
         self.enter(State::Closed, now_ns, reason)

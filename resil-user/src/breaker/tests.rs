@@ -436,32 +436,163 @@ fn a_reset_before_reply_turns_a_success_into_a_failure() {
         let (rec, _) = r.b.record(r.now, ticket, OK);
         recorded.push(rec.expect("a success is amendable"));
     }
-    for rec in &recorded[..4] {
-        assert!(r.b.amend_reset(r.now, *rec).is_none());
+    let mut recorded = recorded.into_iter();
+    for rec in recorded.by_ref().take(4) {
+        assert!(r.b.amend_reset(r.now, rec).is_none());
     }
     assert_eq!(r.b.failure_rate(r.now), Some(0.4));
-    let t = r.b.amend_reset(r.now, recorded[4]).expect("opens at 50 %");
+    let t =
+        r.b.amend_reset(r.now, recorded.next().unwrap())
+            .expect("opens at 50 %");
     assert_eq!(t.to, State::Open);
     // Amends for a previous state are ignored.
-    assert!(r.b.amend_reset(r.now, recorded[5]).is_none());
+    assert!(r.b.amend_reset(r.now, recorded.next().unwrap()).is_none());
 }
 
 #[test]
 fn a_new_policy_keeps_state_and_restarts_only_a_reshaped_window() {
     let mut r = Rig::new(policy());
     r.calls(REFUSED, 3);
-    r.b.set_policy(BreakerPolicy {
-        consecutive_failures: 9,
-        ..policy()
-    });
+    r.b.set_policy(
+        BreakerPolicy {
+            consecutive_failures: 9,
+            ..policy()
+        },
+        r.now,
+    );
     assert_eq!(r.b.totals(r.now).calls, 3);
-    r.b.set_policy(BreakerPolicy {
-        window: WindowPolicy::Count { calls: 50 },
-        ..policy()
-    });
+    r.b.set_policy(
+        BreakerPolicy {
+            window: WindowPolicy::Count { calls: 50 },
+            ..policy()
+        },
+        r.now,
+    );
     assert_eq!(r.b.totals(r.now).calls, 0);
     r.open();
-    r.b.set_policy(policy());
+    assert!(r.b.set_policy(policy(), r.now).is_none());
+    assert_eq!(r.state(), State::Open);
+}
+
+#[test]
+fn a_probe_whose_outcome_does_not_count_gives_its_slot_back() {
+    let mut r = Rig::new(BreakerPolicy {
+        failures: FailureSet::of(&[FailureKind::Refused]),
+        ..policy()
+    });
+    r.open();
+    r.wait_open();
+    let probe = r.b.admit();
+    assert_eq!((r.b.probes_left(), r.b.probe_tokens()), (0, 1));
+    // A timeout is not a failure under this policy: the probe did not decide anything.
+    let (_, t) = r.b.record(r.now, probe, TIMEOUT);
+    assert!(t.is_none());
+    assert_eq!(r.b.probes_left(), 1, "another attempt may probe");
+    assert_eq!(r.b.probe_tokens(), 2, "the kernel needs one more token");
+    let probe = r.b.admit();
+    assert!(probe.admitted);
+    r.b.record(r.now, probe, OK);
+    assert_eq!(r.state(), State::Closed);
+}
+
+#[test]
+fn a_probe_ticket_the_caller_cannot_keep_is_released() {
+    let mut r = Rig::new(policy());
+    r.open();
+    r.wait_open();
+    let probe = r.b.admit();
+    r.b.release(probe);
+    assert_eq!(r.b.probes_left(), 1);
+    // Releasing a non-probe ticket changes nothing.
+    let probe = r.b.admit();
+    assert!(probe.admitted);
+    let refused = r.b.admit();
+    assert!(!refused.admitted);
+    r.b.release(refused);
+    assert_eq!(r.b.probes_left(), 0);
+}
+
+#[test]
+fn fewer_probes_after_a_reload_close_a_half_open_circuit_already_proven() {
+    let mut r = Rig::new(BreakerPolicy {
+        half_open_probes: 3,
+        ..policy()
+    });
+    r.open();
+    r.wait_open();
+    let probe = r.b.admit();
+    r.b.record(r.now, probe, OK);
+    assert_eq!(r.state(), State::HalfOpen);
+    let t = r.b.set_policy(policy(), r.now).expect("closes");
+    assert_eq!(
+        (t.to, t.reason),
+        (State::Closed, Reason::ProbesSucceeded { probes: 1 })
+    );
+}
+
+#[test]
+fn amendments_die_with_their_window() {
+    // A reshaping reload rebuilds the window: references into the old one are ignored.
+    let mut r = Rig::new(BreakerPolicy {
+        window: WindowPolicy::Time {
+            duration_ns: 10 * SEC,
+            buckets: 10,
+        },
+        ..policy()
+    });
+    let ticket = r.b.admit();
+    let (rec, _) = r.b.record(r.now, ticket, SLOW);
+    r.b.set_policy(
+        BreakerPolicy {
+            window: WindowPolicy::Time {
+                duration_ns: 20 * SEC,
+                buckets: 20,
+            },
+            ..policy()
+        },
+        r.now,
+    );
+    let ticket = r.b.admit();
+    r.b.record(r.now, ticket, OK);
+    assert!(r.b.amend_reset(r.now, rec.unwrap()).is_none());
+    assert_eq!(
+        r.b.totals(r.now),
+        Totals {
+            calls: 1,
+            failures: 0,
+            slow: 0
+        }
+    );
+    // After OPEN → HALF_OPEN → CLOSED, a reference from before is ignored too.
+    let ticket = r.b.admit();
+    let (rec, _) = r.b.record(r.now, ticket, OK);
+    r.b.force_open(r.now);
+    r.b.reset(r.now);
+    assert!(r.b.amend_reset(r.now, rec.unwrap()).is_none());
+}
+
+#[test]
+fn an_amended_failure_extends_the_run_only_if_nothing_succeeded_since() {
+    let mut r = Rig::new(BreakerPolicy {
+        consecutive_failures: 2,
+        minimum_calls: 1000,
+        window: WindowPolicy::Count { calls: 1000 },
+        ..policy()
+    });
+    let ticket = r.b.admit();
+    let (early, _) = r.b.record(r.now, ticket, OK);
+    r.calls(OK, 2);
+    r.call(REFUSED);
+    assert!(
+        r.b.amend_reset(r.now, early.unwrap()).is_none(),
+        "not consecutive"
+    );
+    assert_eq!(r.state(), State::Closed);
+    let ticket = r.b.admit();
+    let (late, _) = r.b.record(r.now, ticket, OK);
+    r.call(REFUSED);
+    // `late` was followed only by a failure: amended, it makes two failures in a row.
+    assert!(r.b.amend_reset(r.now, late.unwrap()).is_some());
     assert_eq!(r.state(), State::Open);
 }
 
@@ -470,6 +601,10 @@ enum Op {
     Call(u8),
     Admit,
     Advance(u32),
+    /// Amend the oldest kept success as reset before reply.
+    Amend,
+    /// Reload with this many probes and a count (false) or time (true) window.
+    Reload(u32, bool),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -477,6 +612,8 @@ fn op() -> impl Strategy<Value = Op> {
         (0u8..4).prop_map(Op::Call),
         Just(Op::Admit),
         (0u32..20_000).prop_map(Op::Advance),
+        Just(Op::Amend),
+        (1u32..4, any::<bool>()).prop_map(|(p, w)| Op::Reload(p, w)),
     ]
 }
 
@@ -502,10 +639,34 @@ proptest! {
         };
         let mut r = Rig::new(p);
         let mut pending: Vec<Ticket> = Vec::new();
+        let mut kept: Vec<Recorded> = Vec::new();
         let mut admitted_in_half_open = 0u32;
+        let mut probes = probes;
         for op in ops {
             let before = r.transitions.len();
             match op {
+                Op::Amend => {
+                    if !kept.is_empty() {
+                        let rec = kept.remove(0);
+                        let t = r.b.amend_reset(r.now, rec);
+                        r.transitions.extend(t);
+                    }
+                }
+                Op::Reload(new_probes, time) => {
+                    probes = new_probes;
+                    let q = BreakerPolicy {
+                        half_open_probes: new_probes,
+                        window: if time {
+                            WindowPolicy::Time { duration_ns: 20 * SEC, buckets: 20 }
+                        } else {
+                            WindowPolicy::Count { calls: 50 }
+                        },
+                        ..p
+                    };
+                    let t = r.b.set_policy(q, r.now);
+                    r.transitions.extend(t);
+                    admitted_in_half_open = admitted_in_half_open.min(new_probes);
+                }
                 Op::Admit => {
                     let t = r.b.admit();
                     if r.state() == State::HalfOpen && t.admitted {
@@ -521,7 +682,8 @@ proptest! {
                         _ => TIMEOUT,
                     };
                     let ticket = pending.pop().unwrap_or_else(|| r.b.admit());
-                    let (_, t) = r.b.record(r.now, ticket, outcome);
+                    let (rec, t) = r.b.record(r.now, ticket, outcome);
+                    kept.extend(rec);
                     r.transitions.extend(t);
                 }
                 Op::Advance(ms) => r.advance(ms as u64 * MS),

@@ -28,9 +28,10 @@ impl Totals {
     }
 
     fn remove(&mut self, s: Sample) {
-        self.calls -= 1;
-        self.failures -= s.failure as u32;
-        self.slow -= s.slow as u32;
+        // Saturating: a caller's stale reference must never wrap the totals around.
+        self.calls = self.calls.saturating_sub(1);
+        self.failures = self.failures.saturating_sub(s.failure as u32);
+        self.slow = self.slow.saturating_sub(s.slow as u32);
     }
 
     /// Failed share of the calls, `None` below `minimum_calls` (unknown, not zero).
@@ -160,9 +161,9 @@ impl TimeWindow {
             for epoch in self.epoch + 1..=now_epoch {
                 let b = &mut self.buckets[(epoch % n) as usize];
                 if b.epoch != u64::MAX && b.epoch != epoch {
-                    self.sum.calls -= b.totals.calls;
-                    self.sum.failures -= b.totals.failures;
-                    self.sum.slow -= b.totals.slow;
+                    self.sum.calls = self.sum.calls.saturating_sub(b.totals.calls);
+                    self.sum.failures = self.sum.failures.saturating_sub(b.totals.failures);
+                    self.sum.slow = self.sum.slow.saturating_sub(b.totals.slow);
                     b.epoch = u64::MAX;
                 }
             }

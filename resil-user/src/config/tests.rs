@@ -178,7 +178,7 @@ fn out_of_range_values_say_what_was_expected() {
         (
             "[defaults]\nhalf_open_probes = 0",
             "half_open_probes",
-            "from 1 to 1000",
+            "from 1 to 64",
         ),
         (
             "[defaults]\nwindow_buckets = 5000",
@@ -243,13 +243,45 @@ fn inconsistent_settings_are_errors() {
         "[[dependency]]\nname = \"a\"\nendpoints = [\"*:1\"]\npolicy = { open_wait = \"50m\" }\n",
     );
     assert!(
-        m.contains("line 2") && m.contains("dependency a: open_wait (50m) is longer"),
+        m.contains("line 4") && m.contains("dependency a: open_wait (50m) is longer"),
         "{m}"
     );
     let m = error(
         "[[dependency]]\nname = \"a\"\nendpoints = [\"*:1\"]\npolicy = { open_wait = \"2h\" }\n",
     );
     assert!(m.contains("line 4") && m.contains("not \"2h\""), "{m}");
+}
+
+#[test]
+fn errors_in_inline_tables_name_the_inner_key() {
+    let m = error(
+        "[[dependency]]\nname = \"a\"\nendpoints = [\"*:1\"]\npolicy = { half_open_probes = 0 }\n",
+    );
+    assert!(m.contains("line 4: half_open_probes:"), "{m}");
+}
+
+#[test]
+fn cross_check_errors_point_at_the_key() {
+    let m = error("[defaults]\nminimum_calls = 5\n\nopen_wait = \"2m\"\nopen_wait_max = \"1m\"\n");
+    assert!(m.contains("line 4") && m.contains("open_wait (2m)"), "{m}");
+    let m = error("[defaults]\nsliding_window = \"count\"\nwindow_calls = 10\n");
+    assert!(
+        m.contains("line 3") && m.contains("minimum_calls (20) is more than window_calls (10)"),
+        "{m}"
+    );
+    let m = error("[[dependency]]\nname = \"a\"\nendpoints = [\"*:1\"]\n[dependency.policy]\nconnect_timeout = \"1s\"\nopen_wait = \"50m\"\n");
+    assert!(
+        m.contains("line 6") && m.contains("dependency a: open_wait"),
+        "{m}"
+    );
+}
+
+#[test]
+fn policies_that_could_never_work_are_refused() {
+    let m = error("[defaults]\nfailures = []\n");
+    assert!(m.contains("failures: expected at least one"), "{m}");
+    let m = error("[[dependency]]\nname = \"a\"\nendpoints = [\"fd00::7:443\"]\n");
+    assert!(m.contains("line 3") && m.contains("brackets"), "{m}");
 }
 
 #[test]
@@ -286,6 +318,19 @@ fn overlapping_dependencies_must_agree() {
         m.contains("a and b both claim 10.0.0.0/8:80") && m.contains("line 7"),
         "{m}"
     );
+    // `*:80` and `0.0.0.0/0:80` are the same scope for IPv4 endpoints.
+    let m = error(
+        &clash
+            .replace(
+                "endpoints = [\"10.0.0.0/8:80\"]\npolicy = { half_open_probes = 2",
+                "endpoints = [\"*:80\"]\npolicy = { half_open_probes = 2",
+            )
+            .replace(
+                "endpoints = [\"10.0.0.0/8:80\"]\npolicy = { half_open_probes = 3",
+                "endpoints = [\"0.0.0.0/0:80\"]\npolicy = { half_open_probes = 3",
+            ),
+    );
+    assert!(m.contains("both claim"), "{m}");
     // The same settings are not a contradiction, and a more specific pattern is no overlap.
     parse(&clash.replace("half_open_probes = 3", "half_open_probes = 2")).unwrap();
     parse(&clash.replace(
@@ -300,4 +345,25 @@ fn a_missing_file_is_a_usage_error() {
     let e = Config::load(Some(Path::new("/nonexistent/resil.toml"))).unwrap_err();
     assert_eq!(exit_code(&e), 2);
     assert!(format!("{e:#}").contains("/nonexistent/resil.toml"));
+}
+
+#[test]
+fn enforcement_limits() {
+    let m = error("[defaults]\nhalf_open_probes = 65\n");
+    assert!(
+        m.contains("line 2: half_open_probes: expected a whole number from 1 to 64"),
+        "{m}"
+    );
+    let m = error("[daemon]\nfail_open_after = \"50ms\"\n");
+    assert!(
+        m.contains("line 2: fail_open_after") && m.contains("from 200ms"),
+        "{m}"
+    );
+    let m = error("[daemon]\ntick = \"1s\"\nfail_open_after = \"1s\"\n");
+    assert!(
+        m.contains("fail_open_after (1s) must be at least twice tick (1s)"),
+        "{m}"
+    );
+    let c = parse("[daemon]\nfail_open_after = \"5s\"\n").unwrap();
+    assert_eq!(c.fail_open_after, Duration::from_secs(5));
 }
