@@ -119,6 +119,11 @@ impl Circuits {
         outcome: Outcome,
     ) -> Option<Recorded> {
         let circuit = self.circuits.get_mut(&key)?;
+        log::debug!(
+            "{}: {outcome:?} for {ticket:?} in {}",
+            socket_addr(&key),
+            circuit.breaker.state()
+        );
         let (recorded, transition) = circuit.breaker.record(now_ns, ticket, outcome);
         if let Some(t) = transition {
             self.note(key, t);

@@ -300,6 +300,125 @@ impl Drop for Lab {
     }
 }
 
+/// Three namespaces, client — router — server, with the router forwarding between two veth
+/// pairs: traffic resil sees only as forwarded packets (no local socket), as for pods behind
+/// a node.
+pub struct RoutedLab {
+    pub client_ns: String,
+    pub router_ns: String,
+    pub server_ns: String,
+    /// The router's interface towards the server, where resil attaches.
+    pub router_out: String,
+    pub dir: PathBuf,
+    pub cgroup: PathBuf,
+}
+
+impl RoutedLab {
+    /// Builds the three namespaces; addresses as in [`Lab`] for the server.
+    pub fn new(tag: &str) -> Result<RoutedLab> {
+        require_root();
+        let n = LABS.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{}{}", std::process::id() % 100_000, n);
+        let lab = RoutedLab {
+            client_ns: format!("resil-{tag}-{id}-c"),
+            router_ns: format!("resil-{tag}-{id}-r"),
+            server_ns: format!("resil-{tag}-{id}-s"),
+            router_out: format!("ro{id}"),
+            dir: std::env::temp_dir().join(format!("resil-lab-{tag}-{id}")),
+            cgroup: cgroup2_root().join(format!("resil-test-{tag}-{id}")),
+        };
+        std::fs::create_dir_all(&lab.dir)?;
+        std::fs::create_dir_all(&lab.cgroup)?;
+        let (c, r, s) = (&lab.client_ns, &lab.router_ns, &lab.server_ns);
+        for ns in [c, r, s] {
+            sh("ip", &["netns", "add", ns])?;
+            sh("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        let (client_if, router_in, server_if) =
+            (format!("rc{id}"), format!("ri{id}"), format!("rs{id}"));
+        for (a, a_ns, b, b_ns) in [
+            (&client_if, c, &router_in, r),
+            (&lab.router_out, r, &server_if, s),
+        ] {
+            sh(
+                "ip",
+                &[
+                    "link", "add", a, "netns", a_ns, "type", "veth", "peer", "name", b, "netns",
+                    b_ns,
+                ],
+            )?;
+        }
+        let plan = [
+            (c, &client_if, "10.201.0.1/24", "fd00:201::1/64"),
+            (r, &router_in, "10.201.0.254/24", "fd00:201::fe/64"),
+            (r, &lab.router_out, "10.200.0.254/24", "fd00:200::fe/64"),
+            (s, &server_if, "10.200.0.2/24", "fd00:200::2/64"),
+        ];
+        for (ns, ifname, v4, v6) in plan {
+            sh("ip", &["-n", ns, "addr", "add", v4, "dev", ifname])?;
+            sh("ip", &["-n", ns, "addr", "add", v6, "dev", ifname, "nodad"])?;
+            sh("ip", &["-n", ns, "link", "set", ifname, "up"])?;
+        }
+        for (ns, v4, v6) in [
+            (c, "10.201.0.254", "fd00:201::fe"),
+            (s, "10.200.0.254", "fd00:200::fe"),
+        ] {
+            sh("ip", &["-n", ns, "route", "add", "default", "via", v4])?;
+            sh(
+                "ip",
+                &["-n", ns, "-6", "route", "add", "default", "via", v6],
+            )?;
+        }
+        sh(
+            "ip",
+            &["netns", "exec", r, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+        )?;
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                r,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.forwarding=1",
+            ],
+        )?;
+        Ok(lab)
+    }
+
+    /// Starts a TCP server on `port` in the server namespace.
+    pub fn serve(&self, port: u16, mode: ServeMode) -> Result<Server> {
+        Server::start(&self.server_ns, port, mode)
+    }
+
+    /// The daemon in the router namespace, on the interface towards the server.
+    pub fn daemon(&self, config: &str) -> Result<Daemon> {
+        Daemon::start(
+            &self.router_ns,
+            &self.router_out,
+            &self.cgroup,
+            &self.dir,
+            config,
+        )
+    }
+
+    /// Runs `f` inside the client namespace.
+    pub fn client<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        in_netns(&self.client_ns, f)
+    }
+}
+
+impl Drop for RoutedLab {
+    fn drop(&mut self) {
+        for ns in [&self.client_ns, &self.router_ns, &self.server_ns] {
+            let _ = sh("ip", &["netns", "del", ns]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}
+
 /// How a test server treats accepted connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ServeMode {
@@ -478,7 +597,7 @@ impl Daemon {
             .arg(&config_path)
             .arg("--cgroup")
             .arg(cgroup)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,resil_user::circuits=debug")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
