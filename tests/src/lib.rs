@@ -197,6 +197,15 @@ impl Lab {
         in_netns(&self.client_ns, f)
     }
 
+    /// Removes every nftables rule from the server namespace.
+    pub fn clear_server_rules(&self) -> Result<()> {
+        sh(
+            "ip",
+            &["netns", "exec", &self.server_ns, "nft", "flush", "ruleset"],
+        )?;
+        Ok(())
+    }
+
     /// Adds one nftables rule to the server namespace's input path, for example
     /// `tcp dport 7777 drop`.
     pub fn server_input_rule(&self, rule: &str) -> Result<()> {
@@ -557,11 +566,14 @@ pub fn resil_bin() -> PathBuf {
     }
 }
 
-/// A binary of this workspace, next to the test binary's directory:
-/// target/<profile>/deps/<test> → target/<profile>/<name>.
+/// A binary of this workspace in the running one's profile directory:
+/// target/<profile>/deps/<test> or target/<profile>/<bin> → target/<profile>/<name>.
 pub fn target_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let mut profile_dir = exe.parent().expect("target dir");
+    if profile_dir.file_name().is_some_and(|n| n == "deps") {
+        profile_dir = profile_dir.parent().expect("target dir");
+    }
     let bin = profile_dir.join(name);
     assert!(
         bin.exists(),

@@ -117,12 +117,7 @@ fn half_open_admits_exactly_its_probes_then_recovery_closes() {
         thread::sleep(Duration::from_millis(50));
     }
     // Now the dependency comes back.
-    let (_, err) = std::process::Command::new("ip")
-        .args(["netns", "exec", &lab.server_ns, "nft", "flush", "ruleset"])
-        .output()
-        .map(|o| (o.status, String::from_utf8_lossy(&o.stderr).into_owned()))
-        .unwrap();
-    assert!(err.is_empty(), "{err}");
+    lab.clear_server_rules().unwrap();
     let _server = lab.serve(7000, ServeMode::Echo).unwrap();
     wait_state(&daemon, &endpoint, "half_open");
     let probes = lab.connect_in_cgroup(addr, 2, Duration::from_secs(2), true);

@@ -42,6 +42,8 @@ enum Task {
     },
     /// Run the benchmarks (release build); figures go to stdout and target/bench/.
     Bench,
+    /// A self-contained lab, live in the terminal: resil detects, fast-fails and recovers.
+    Demo,
     /// cargo fmt --check and cargo clippy on the host crates.
     Lint,
 }
@@ -85,6 +87,25 @@ fn run(cli: Cli) -> Result<()> {
                 cmd.arg(filter);
             }
             test(&mut cmd)
+        }
+        Task::Demo => {
+            setup::run()?;
+            build(true)?;
+            check(cargo().args([
+                "build",
+                "--release",
+                "--package",
+                "resil-tests",
+                "--bin",
+                "resil-demo",
+                "--bin",
+                "resil-connect",
+            ]))?;
+            let bin = root.join("target/release/resil-demo");
+            let error = Command::new(&bin)
+                .env("RESIL_BIN", root.join("target/release/resil"))
+                .exec();
+            Err(error).with_context(|| format!("cannot start {}", bin.display()))
         }
         Task::Bench => {
             setup::run()?;
