@@ -109,7 +109,23 @@ fn run(cli: Cli) -> Result<()> {
         }
         Task::Bench => {
             setup::run()?;
-            check(cargo().args(["bench", "--package", "resil-user", "--bench", "engine"]))
+            check(cargo().args(["bench", "--package", "resil-user", "--bench", "engine"]))?;
+            // The kernel side needs root: a lab of namespaces, the real daemon.
+            build(true)?;
+            check(cargo().args([
+                "build",
+                "--release",
+                "--package",
+                "resil-tests",
+                "--bin",
+                "resil-fastfail",
+                "--bin",
+                "resil-connect",
+            ]))?;
+            check(
+                Command::new(root.join("target/release/resil-fastfail"))
+                    .env("RESIL_BIN", root.join("target/release/resil")),
+            )
         }
         Task::Lint => {
             check(cargo().args(["fmt", "--all", "--", "--check"]))?;
