@@ -5,7 +5,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_F_INGRESS, TC_ACT_PIPE, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    bindings::{BPF_F_INGRESS, BPF_F_NO_PREALLOC, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_set_retval},
     macros::{cgroup_sock_addr, classifier, map},
     maps::{HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
@@ -15,8 +15,8 @@ use aya_log_ebpf::warn;
 use resil_common::{
     enforce::{self, Decision},
     maps::{
-        ConnKey, ConnState, EndpointKey, EndpointStats, HandshakeEvent, Health, TokenKey, Verdict,
-        FAMILY_IPV4, HANDSHAKE_RING_BYTES, HEALTH_SLOTS, MAX_CONNECTIONS, MAX_ENDPOINTS,
+        ConnKey, ConnState, EndpointKey, EndpointStats, HandshakeEvent, Health, Phase, TokenKey,
+        Verdict, FAMILY_IPV4, HANDSHAKE_RING_BYTES, HEALTH_SLOTS, MAX_CONNECTIONS, MAX_ENDPOINTS,
         MAX_PROBES, MAX_TOKENS, MAX_VERDICTS,
     },
     packet::{parse_ethernet, tcp_flags, PacketBytes, Parsed, TcpSegment},
@@ -37,14 +37,21 @@ static HANDSHAKES: RingBuf = RingBuf::with_byte_size(HANDSHAKE_RING_BYTES, 0);
 #[map]
 static HEALTH: PerCpuArray<u64> = PerCpuArray::with_max_entries(HEALTH_SLOTS, 0);
 
+/// Not preallocated: an update then replaces the element instead of rewriting it in place, so
+/// a program reading a verdict never sees half of an old one and half of a new one.
 #[map]
-static VERDICTS: HashMap<EndpointKey, Verdict> = HashMap::with_max_entries(MAX_VERDICTS, 0);
+static VERDICTS: HashMap<EndpointKey, Verdict> =
+    HashMap::with_max_entries(MAX_VERDICTS, BPF_F_NO_PREALLOC);
 
 #[map]
 static TOKENS: HashMap<TokenKey, u8> = HashMap::with_max_entries(MAX_TOKENS, 0);
 
 const ECONNREFUSED: i32 = 111;
 const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+/// TTL / hop limit of the RSTs resil sends.
+const RST_HOPS: u8 = 64;
+const IPPROTO_MPTCP: u32 = 262;
 /// Values a `cgroup/connect*` program returns.
 const CONNECT_ALLOW: i32 = 1;
 const CONNECT_DENY: i32 = 0;
@@ -86,8 +93,8 @@ pub fn resil_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands every sock_addr program a valid context; a connect4 program
     // may read the IPv4 fields.
     let addr = unsafe { &*ctx.sock_addr };
-    if addr.type_ != SOCK_STREAM {
-        return CONNECT_ALLOW; // UDP connect() is left alone
+    if !is_tcp(addr.type_, addr.protocol) {
+        return CONNECT_ALLOW; // UDP, SCTP … are left alone
     }
     on_connect(&enforce::connect4_endpoint(addr.user_ip4, addr.user_port))
 }
@@ -97,7 +104,7 @@ pub fn resil_connect4(ctx: SockAddrContext) -> i32 {
 pub fn resil_connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: as above; a connect6 program may read the IPv6 fields.
     let addr = unsafe { &*ctx.sock_addr };
-    if addr.type_ != SOCK_STREAM {
+    if !is_tcp(addr.type_, addr.protocol) {
         return CONNECT_ALLOW;
     }
     let ip6 = [
@@ -107,6 +114,11 @@ pub fn resil_connect6(ctx: SockAddrContext) -> i32 {
         addr.user_ip6[3],
     ];
     on_connect(&enforce::connect6_endpoint(ip6, addr.user_port))
+}
+
+#[inline(always)]
+fn is_tcp(sock_type: u32, protocol: u32) -> bool {
+    sock_type == SOCK_STREAM && (protocol == IPPROTO_TCP || protocol == IPPROTO_MPTCP)
 }
 
 #[inline(always)]
@@ -180,15 +192,27 @@ fn count_enforcement(endpoint: &EndpointKey, refused: bool) {
     }
 }
 
-/// A forwarded SYN to a refused endpoint: turn it into the RST a closed port would send and
-/// deliver it back in through the same interface, so the sender's stack sees a refusal.
-/// Returns the TC verdict if the packet was taken over.
+/// A forwarded SYN to an endpoint whose circuit refuses: turn it into the RST a closed port
+/// would send and deliver it back in through the same interface, so the sender's stack sees a
+/// refusal. Returns the TC verdict if the packet was taken over.
+///
+/// Only `Refuse` verdicts apply here. In HALF_OPEN and under metrics-only policies forwarded
+/// SYNs pass: a pod whose connect() was already admitted (and counted) by the cgroup hook in
+/// its own namespace must not be checked, or counted, a second time on its way out.
 #[inline(always)]
-fn refuse_forwarded_syn(ctx: &TcContext, seg: &TcpSegment) -> Option<i32> {
+fn refuse_forwarded_syn(
+    ctx: &TcContext,
+    seg: &TcpSegment,
+    conn: Option<&ConnState>,
+) -> Option<i32> {
     let syn = seg.flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) == tcp_flags::SYN;
     // SAFETY: reading the context's socket pointer, which the verifier allows for TC.
     let local = unsafe { !(*ctx.skb.skb).__bindgen_anon_2.sk.is_null() };
     if !syn || local {
+        return None;
+    }
+    // A retransmission of a SYN already let through belongs to that connection.
+    if conn.is_some_and(|c| c.phase == Phase::SynSent as u32 && c.local_isn == seg.seq) {
         return None;
     }
     let endpoint = EndpointKey {
@@ -197,9 +221,12 @@ fn refuse_forwarded_syn(ctx: &TcContext, seg: &TcpSegment) -> Option<i32> {
         family: seg.family,
         direction: 0,
     };
-    if admit(&endpoint) {
+    // SAFETY: a copy is taken at once.
+    let verdict = unsafe { VERDICTS.get(&endpoint).copied() };
+    if enforce::decide(verdict.as_ref(), now_ns()) != Decision::Refuse {
         return None;
     }
+    count_enforcement(&endpoint, true);
     if seg.payload_len > 0 {
         // A SYN carrying data (TCP Fast Open): drop it; the sender retries without data and
         // that SYN gets the RST.
@@ -226,6 +253,16 @@ fn rewrite_into_rst(ctx: &TcContext, seg: &TcpSegment) -> Option<()> {
     swapped[..6].copy_from_slice(&macs[6..]);
     swapped[6..].copy_from_slice(&macs[..6]);
     ctx.store(0, &swapped, 0).ok()?;
+    // A fresh hop budget: the RST travels back from here, not from where the SYN started.
+    if seg.family == FAMILY_IPV4 {
+        let old: u16 = ctx.load(ip + 8).ok()?; // TTL and protocol
+        let new = u16::from_ne_bytes([RST_HOPS, old.to_ne_bytes()[1]]);
+        ctx.store(ip + 8, &new, 0).ok()?;
+        ctx.l3_csum_replace(ip + 10, old as u64, new as u64, 2)
+            .ok()?;
+    } else {
+        ctx.store(ip + 7, &RST_HOPS, 0).ok()?;
+    }
     // Swapping source and destination leaves the IP and pseudo-header sums unchanged.
     if seg.family == FAMILY_IPV4 {
         ctx.store(ip + 12, &seg.dst[..4].try_into().unwrap_or([0u8; 4]), 0)
@@ -264,15 +301,15 @@ fn rewrite_into_rst(ctx: &TcContext, seg: &TcpSegment) -> Option<()> {
 fn observe(ctx: &TcContext, way: Way) -> i32 {
     match parse_ethernet(&Skb(ctx)) {
         Parsed::Tcp(segment) => {
-            if way == Way::Egress {
-                if let Some(action) = refuse_forwarded_syn(ctx, &segment) {
-                    return action;
-                }
-            }
             let key = track::conn_key(&segment, way);
             let conn = CONNECTIONS.get_ptr_mut(&key);
             // SAFETY: the pointer comes from a map lookup and is only read here.
             let current = conn.map(|p| unsafe { *p });
+            if way == Way::Egress {
+                if let Some(action) = refuse_forwarded_syn(ctx, &segment, current.as_ref()) {
+                    return action;
+                }
+            }
             let effects = track::on_tcp(current.as_ref(), &segment, way, now_ns());
             apply(ctx, &key, conn, current.as_ref(), &effects);
         }
@@ -287,7 +324,9 @@ fn observe(ctx: &TcContext, way: Way) -> i32 {
         Parsed::Malformed => bump(Health::Malformed),
         Parsed::Unreachable(_) | Parsed::Other => {}
     }
-    TC_ACT_PIPE
+    // "No opinion": under TCX the next program runs (TCX_NEXT), with classic filters the
+    // next filter; resil's observers never end the chain for others.
+    TC_ACT_UNSPEC
 }
 
 #[inline(always)]

@@ -230,7 +230,7 @@ struct PolicyKeys {
     open_wait_jitter: Option<Ranged<Fraction>>,
     backoff_decay: Option<Dur<0, 86_400_000>>,
     half_open_probes: Option<Count<1, 64>>,
-    half_open_max_duration: Option<Dur<0, 3_600_000>>,
+    half_open_max_duration: Option<Dur<1_000, 3_600_000>>,
 }
 
 /// A policy-table error: the key it is about, and the sentence.

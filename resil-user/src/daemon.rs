@@ -59,6 +59,7 @@ pub fn run(options: DaemonOptions) -> Result<()> {
         bail!("resil daemon must run as root: it loads BPF programs (try sudo)");
     }
     let config = Config::load(options.config.as_deref())?;
+    check_clock()?;
     let interfaces = resolve_interfaces(&options.interfaces)?;
     let cgroup = resolve_cgroup(options.cgroup.as_deref())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -83,6 +84,20 @@ fn resolve_cgroup(asked: Option<&std::path::Path>) -> Result<PathBuf> {
         )));
     }
     Ok(path)
+}
+
+/// Verdict expiry compares the daemon's CLOCK_MONOTONIC with the kernel's; in a time
+/// namespace with a monotonic offset they differ, and fail-open could not be promised.
+fn check_clock() -> Result<()> {
+    let offsets = std::fs::read_to_string("/proc/self/timens_offsets").unwrap_or_default();
+    let shifted = offsets.lines().any(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        matches!(f.as_slice(), ["monotonic", secs, nanos] if *secs != "0" || *nanos != "0")
+    });
+    if shifted {
+        bail!("resil daemon cannot run in a time namespace with a monotonic clock offset: its verdicts' expiry would not match the kernel's clock");
+    }
+    Ok(())
 }
 
 fn resolve_interfaces(asked: &[String]) -> Result<Vec<String>> {
@@ -346,9 +361,16 @@ fn watch<T: AsRawFd>(inner: T, what: &str) -> Result<AsyncFd<T>> {
         .map_err(|e| anyhow!("cannot watch {what}: {e}"))
 }
 
-/// The outbound endpoint key of a socket address.
+/// The outbound endpoint key of a socket address (an IPv4-mapped IPv6 address is the IPv4
+/// endpoint it is, as the kernel keys it).
 fn endpoint_key(addr: SocketAddr) -> EndpointKey {
-    let (addr_bytes, family) = match addr.ip() {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    let (addr_bytes, family) = match ip {
         std::net::IpAddr::V4(ip) => {
             let mut b = [0u8; 16];
             b[..4].copy_from_slice(&ip.octets());

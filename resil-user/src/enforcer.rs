@@ -40,6 +40,9 @@ pub struct Enforcer {
     fail_open_ns: u64,
 }
 
+/// `BPF_NOEXIST`: insert only if absent.
+const BPF_NOEXIST: u64 = 1;
+
 fn token(endpoint: EndpointKey, generation: u32, index: u32) -> TokenKey {
     TokenKey {
         endpoint,
@@ -79,20 +82,28 @@ impl Enforcer {
         for &(endpoint, want) in desired {
             let before = self.written.get(&endpoint).copied();
             if let Desired::Probe { generation, probes } = want {
-                if before != Some(want) {
-                    // A new half-open period: its tokens must exist before its verdict.
-                    if let Some(Desired::Probe {
+                // Tokens must exist before the verdict that asks for them.
+                let first_new = match before {
+                    // The same half-open period: hand out only the extra tokens.
+                    Some(Desired::Probe {
                         generation: g,
                         probes: p,
-                    }) = before
-                    {
+                    }) if g == generation => p,
+                    // A new one: the previous period's leftovers go.
+                    Some(Desired::Probe {
+                        generation: g,
+                        probes: p,
+                    }) => {
                         self.remove_tokens(endpoint, g, p);
+                        0
                     }
-                    for index in 0..probes.min(MAX_PROBES) {
-                        if let Err(e) = self.tokens.insert(token(endpoint, generation, index), 1, 0)
-                        {
-                            log::warn!("cannot hand out a probe token: {e}");
-                        }
+                    _ => 0,
+                };
+                for index in first_new..probes.min(MAX_PROBES) {
+                    // Never re-create a token the kernel already took (BPF_NOEXIST).
+                    let key = token(endpoint, generation, index);
+                    if let Err(e) = self.tokens.insert(key, 1, BPF_NOEXIST) {
+                        log::debug!("probe token {index} not handed out: {e}");
                     }
                 }
             } else if let Some(Desired::Probe { generation, probes }) = before {
@@ -113,7 +124,14 @@ impl Enforcer {
                 Ok(()) => {
                     keep.insert(endpoint, want);
                 }
-                Err(e) => log::warn!("cannot write a verdict into the kernel: {e}"),
+                Err(e) => {
+                    log::warn!("cannot write a verdict into the kernel: {e}");
+                    // What the kernel holds is unchanged: remember it as it is, so it is
+                    // neither removed below nor handed its tokens again.
+                    if let Some(before) = before {
+                        keep.insert(endpoint, before);
+                    }
+                }
             }
         }
         for (endpoint, before) in std::mem::take(&mut self.written) {

@@ -316,3 +316,31 @@ fn forwarded_syns_get_a_rst_ipv4() {
 fn forwarded_syns_get_a_rst_ipv6() {
     forwarded_syns_get_a_rst(Family::V6);
 }
+
+#[test]
+fn a_probe_that_does_not_count_is_replaced_by_exactly_one_more() {
+    let lab = Lab::new("pr").unwrap();
+    // Timeouts do not count under this policy: a probe that times out decides nothing.
+    let config = "[defaults]\nfailures = [\"refused\"]\nconnect_timeout = \"300ms\"\n\
+                  consecutive_failures = 3\nopen_wait = \"300ms\"\nopen_wait_jitter = 0.0\n\
+                  half_open_probes = 1\n";
+    let daemon = lab.daemon_with_config(config).unwrap();
+    let addr = SocketAddr::new(lab.server_ip(Family::V4), 7100);
+    let endpoint = lab.server_endpoint(Family::V4, 7100);
+    // Nothing listens: refusals open the circuit. Then the port goes silent.
+    lab.connect_in_cgroup(addr, 3, Duration::from_secs(2), false);
+    wait_state(&daemon, &endpoint, "open");
+    lab.server_input_rule("tcp dport 7100 drop").unwrap();
+    wait_state(&daemon, &endpoint, "half_open");
+    for round in 0..2 {
+        // Each round: exactly one attempt holds a token; when its timeout (which does not
+        // count) comes, the daemon hands out exactly one more.
+        let burst = lab.connect_in_cgroup(addr, 5, Duration::from_millis(800), true);
+        let through = burst.iter().filter(|a| a.outcome == "TimedOut").count();
+        assert_eq!(through, 1, "round {round}: {burst:?}");
+        assert_eq!(
+            daemon.wait_for(&endpoint, SETTLE, |_| true).state,
+            "half_open"
+        );
+    }
+}

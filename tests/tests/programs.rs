@@ -16,8 +16,8 @@ use resil_common::{
 use resil_tests::require_root;
 use resil_user::probes::OBJECT;
 
-/// The observers never change a packet's fate: TC_ACT_PIPE, "continue".
-const TC_ACT_PIPE: u32 = 3;
+/// The observers never change a packet's fate: TC_ACT_UNSPEC (-1), "next program".
+const TC_ACT_UNSPEC: u32 = u32::MAX;
 
 const CLIENT4: Addr = Addr::V4([10, 9, 0, 1]);
 const SERVER4: Addr = Addr::V4([10, 9, 0, 2]);
@@ -53,11 +53,11 @@ fn run(ebpf: &Ebpf, program: &str, frame: &[u8]) -> u32 {
 }
 
 fn egress(ebpf: &Ebpf, frame: &[u8]) {
-    assert_eq!(run(ebpf, "resil_tc_egress", frame), TC_ACT_PIPE);
+    assert_eq!(run(ebpf, "resil_tc_egress", frame), TC_ACT_UNSPEC);
 }
 
 fn ingress(ebpf: &Ebpf, frame: &[u8]) {
-    assert_eq!(run(ebpf, "resil_tc_ingress", frame), TC_ACT_PIPE);
+    assert_eq!(run(ebpf, "resil_tc_ingress", frame), TC_ACT_UNSPEC);
 }
 
 fn endpoints(ebpf: &Ebpf) -> Vec<(EndpointKey, EndpointStats)> {

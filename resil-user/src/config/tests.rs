@@ -364,6 +364,11 @@ fn enforcement_limits() {
         m.contains("fail_open_after (1s) must be at least twice tick (1s)"),
         "{m}"
     );
+    let m = error("[defaults]\nhalf_open_max_duration = \"0s\"\n");
+    assert!(
+        m.contains("half_open_max_duration") && m.contains("from 1s"),
+        "{m}"
+    );
     let c = parse("[daemon]\nfail_open_after = \"5s\"\n").unwrap();
     assert_eq!(c.fail_open_after, Duration::from_secs(5));
 }
