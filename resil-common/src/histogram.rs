@@ -110,11 +110,41 @@ impl Histogram {
     pub fn counts(&self) -> &[u64; BUCKETS] {
         &self.counts
     }
+
+    /// Latencies recorded in all.
+    pub fn total(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// What was recorded since the snapshot `earlier` of this histogram.
+    pub fn since(&self, earlier: &Histogram) -> Histogram {
+        let mut delta = Histogram::default();
+        for (d, (now, then)) in delta
+            .counts
+            .iter_mut()
+            .zip(self.counts.iter().zip(&earlier.counts))
+        {
+            *d = now.saturating_sub(*then);
+        }
+        delta
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_histogram_minus_its_snapshot_holds_what_came_since() {
+        let mut h = Histogram::default();
+        h.record_us(100);
+        let snapshot = h;
+        h.record_us(100_000);
+        h.record_us(100_000);
+        let recent = h.since(&snapshot);
+        assert_eq!((h.total(), recent.total()), (3, 2));
+        assert!(recent.quantile_us(0.5).unwrap() > 50_000.0);
+    }
 
     #[test]
     fn buckets_are_monotonic_and_contain_their_values() {

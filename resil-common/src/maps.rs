@@ -16,6 +16,8 @@ pub mod names {
     pub const VERDICTS: &str = "VERDICTS";
     /// Hash: [`super::TokenKey`] → `u8`: half-open probe tokens, taken by deleting them.
     pub const TOKENS: &str = "TOKENS";
+    /// Ring buffer of [`super::DnsEvent`]: DNS queries leaving and answers arriving.
+    pub const DNS: &str = "DNS";
 }
 
 /// Capacity of the connection map (LRU: the least recently used entries make room).
@@ -24,6 +26,13 @@ pub const MAX_CONNECTIONS: u32 = 65_536;
 pub const MAX_ENDPOINTS: u32 = 8_192;
 /// Size of the handshake ring buffer in bytes (a power of two, a multiple of the page size).
 pub const HANDSHAKE_RING_BYTES: u32 = 1 << 20;
+/// Size of the DNS ring buffer in bytes.
+pub const DNS_RING_BYTES: u32 = 1 << 20;
+/// DNS message bytes an answer event carries (the classic UDP maximum; longer answers are
+/// cut, which loses only their last records).
+pub const DNS_CAPTURE: usize = 512;
+/// The DNS port.
+pub const DNS_PORT: u16 = 53;
 
 /// Capacity of the verdict map: endpoints the kernel can enforce at once.
 pub const MAX_VERDICTS: u32 = 16_384;
@@ -196,9 +205,32 @@ pub struct EndpointStats {
     pub fast_failed: u64,
     /// Connections a metrics-only policy would have refused.
     pub would_fast_fail: u64,
+    /// Data segments on established connections, either direction (the base of the
+    /// retransmission rate).
+    pub segments: u64,
+    /// Established connections that ended (both FINs, or a reset).
+    pub closed: u64,
     /// `bpf_ktime_get_ns` when the kernel created this entry (on the creating CPU's copy;
     /// the others hold 0). A new value means the LRU evicted the endpoint and it came back.
     pub created_ns: u64,
+}
+
+/// Calls `$f!(field)` for each counter of [`EndpointStats`] (every field but `created_ns`).
+macro_rules! each_counter {
+    ($f:ident) => {
+        $f!(attempts);
+        $f!(established);
+        $f!(refused);
+        $f!(resets_in);
+        $f!(resets_out);
+        $f!(syn_retransmits);
+        $f!(retransmits);
+        $f!(unreachable);
+        $f!(fast_failed);
+        $f!(would_fast_fail);
+        $f!(segments);
+        $f!(closed);
+    };
 }
 
 impl EndpointStats {
@@ -214,8 +246,41 @@ impl EndpointStats {
         unreachable: 0,
         fast_failed: 0,
         would_fast_fail: 0,
+        segments: 0,
+        closed: 0,
         created_ns: 0,
     };
+
+    /// Adds `other`'s counters to these (`created_ns` is left alone).
+    pub fn add(&mut self, other: &EndpointStats) {
+        macro_rules! add {
+            ($field:ident) => {
+                self.$field += other.$field;
+            };
+        }
+        each_counter!(add);
+    }
+
+    /// What was counted since the reading `earlier`, counter by counter. A counter below its
+    /// earlier value started again from zero (the kernel entry was evicted and recreated), so
+    /// all of it is new.
+    pub fn since(&self, earlier: &EndpointStats) -> EndpointStats {
+        let mut delta = EndpointStats {
+            created_ns: self.created_ns,
+            ..EndpointStats::ZERO
+        };
+        macro_rules! since {
+            ($field:ident) => {
+                delta.$field = if self.$field >= earlier.$field {
+                    self.$field - earlier.$field
+                } else {
+                    self.$field
+                };
+            };
+        }
+        each_counter!(since);
+        delta
+    }
 }
 
 /// What the kernel does with new connections to an endpoint, until `expires_ns`.
@@ -299,6 +364,46 @@ pub struct HandshakeEvent {
     pub _pad: [u8; 7],
 }
 
+/// Kinds of [`DnsEvent`].
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DnsKind {
+    /// A query left this node for a resolver.
+    Query = 1,
+    /// An answer arrived from a resolver.
+    Answer = 2,
+}
+
+impl DnsKind {
+    /// Decodes the byte in a ring-buffer record.
+    pub fn from_u8(value: u8) -> Option<Self> {
+        match value {
+            1 => Some(Self::Query),
+            2 => Some(Self::Answer),
+            _ => None,
+        }
+    }
+}
+
+/// One ring-buffer record per DNS message over UDP: the daemon pairs answers with queries by
+/// the flow and the message id, and reads names from the answer's bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsEvent {
+    /// `bpf_ktime_get_ns` when the kernel saw it.
+    pub ts_ns: u64,
+    /// Oriented from this node: `remote` is the resolver.
+    pub conn: ConnKey,
+    /// A [`DnsKind`] as a byte.
+    pub kind: u8,
+    pub _pad: u8,
+    /// How many bytes of `message` are valid (0 for queries).
+    pub len: u16,
+    /// The message's first bytes, for answers.
+    pub message: [u8; DNS_CAPTURE],
+    pub _pad2: [u8; 4],
+}
+
 /// Indices of the per-CPU `HEALTH` counters: rare conditions the daemon reports.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -311,10 +416,12 @@ pub enum Health {
     EventsLost = 2,
     /// A TCP or ICMP packet whose headers were truncated or malformed.
     Malformed = 3,
+    /// A DNS event was dropped because its ring buffer was full.
+    DnsEventsLost = 4,
 }
 
 /// Number of `HEALTH` slots.
-pub const HEALTH_SLOTS: u32 = 4;
+pub const HEALTH_SLOTS: u32 = 5;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -326,6 +433,7 @@ mod pod {
     unsafe impl aya::Pod for super::HandshakeEvent {}
     unsafe impl aya::Pod for super::Verdict {}
     unsafe impl aya::Pod for super::TokenKey {}
+    unsafe impl aya::Pod for super::DnsEvent {}
 }
 
 #[cfg(test)]
@@ -334,11 +442,42 @@ mod tests {
     use core::mem::size_of;
 
     #[test]
+    fn deltas_and_sums_cover_every_counter() {
+        let earlier = EndpointStats {
+            attempts: 5,
+            closed: 2,
+            ..EndpointStats::ZERO
+        };
+        let now = EndpointStats {
+            attempts: 8,
+            closed: 1, // evicted and counted again from zero
+            segments: 4,
+            created_ns: 9,
+            ..EndpointStats::ZERO
+        };
+        let delta = now.since(&earlier);
+        assert_eq!((delta.attempts, delta.closed, delta.segments), (3, 1, 4));
+        assert_eq!(delta.created_ns, 9);
+        let mut total = earlier;
+        total.add(&delta);
+        assert_eq!(
+            (
+                total.attempts,
+                total.closed,
+                total.segments,
+                total.created_ns
+            ),
+            (8, 3, 4, 0)
+        );
+    }
+
+    #[test]
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<ConnKey>(), 40);
         assert_eq!(size_of::<ConnState>(), 40);
         assert_eq!(size_of::<EndpointKey>(), 20);
-        assert_eq!(size_of::<EndpointStats>(), 8 * 11);
+        assert_eq!(size_of::<EndpointStats>(), 8 * 13);
+        assert_eq!(size_of::<DnsEvent>(), 8 + 40 + 4 + DNS_CAPTURE + 4);
         assert_eq!(size_of::<Verdict>(), 24);
         assert_eq!(size_of::<TokenKey>(), 28);
         assert_eq!(size_of::<HandshakeEvent>(), 64);

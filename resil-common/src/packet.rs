@@ -45,6 +45,7 @@ const ETHERTYPE_IPV6: u16 = 0x86dd;
 const ETHERTYPE_VLAN: u16 = 0x8100;
 const ETHERTYPE_QINQ: u16 = 0x88a8;
 const PROTO_TCP: u8 = 6;
+const PROTO_UDP: u8 = 17;
 const PROTO_ICMP: u8 = 1;
 const PROTO_ICMPV6: u8 = 58;
 const ICMP_DEST_UNREACHABLE: u8 = 3;
@@ -53,35 +54,58 @@ const ICMP_FRAGMENTATION_NEEDED: u8 = 4;
 /// IPv6 extension headers skipped before the transport header, at most.
 const MAX_IPV6_EXTENSIONS: usize = 4;
 
+// The parse results are `#[repr(C)]` without implicit padding: the BPF programs pass them
+// between functions, and the verifier refuses to copy stack bytes nobody wrote.
+
 /// A TCP segment's addressing and the header fields the tracker needs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct TcpSegment {
-    pub family: u8,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
-    pub src_port: u16,
-    pub dst_port: u16,
     pub seq: u32,
     pub ack: u32,
-    pub flags: u8,
     /// Payload bytes after the TCP header (from the IP length fields, not the frame size).
     pub payload_len: u32,
     /// Offset of the IP header in the frame.
     pub ip_offset: u32,
     /// Offset of the TCP header in the frame.
     pub tcp_offset: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub family: u8,
+    pub flags: u8,
+    pub _pad: [u8; 2],
 }
 
 /// The TCP flow quoted inside an ICMP destination-unreachable message, as it was sent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct QuotedFlow {
-    pub family: u8,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
-    pub src_port: u16,
-    pub dst_port: u16,
     /// The quoted segment's sequence number (for a SYN: the sender's initial one).
     pub seq: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// A UDP datagram's addressing and where its payload lies in the frame.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct UdpDatagram {
+    /// Offset of the payload in the frame.
+    pub payload_offset: u32,
+    /// Payload bytes, from the UDP length field.
+    pub payload_len: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 3],
 }
 
 /// What a frame turned out to be.
@@ -89,9 +113,11 @@ pub struct QuotedFlow {
 pub enum Parsed {
     /// A TCP segment.
     Tcp(TcpSegment),
+    /// A UDP datagram (the first fragment, if fragmented).
+    Udp(UdpDatagram),
     /// ICMP or ICMPv6 destination unreachable quoting a TCP packet.
     Unreachable(QuotedFlow),
-    /// Not something resil tracks (ARP, UDP, a non-first fragment, other ICMP …).
+    /// Not something resil tracks (ARP, a non-first fragment, other ICMP …).
     Other,
     /// TCP or ICMP whose headers are truncated or inconsistent.
     Malformed,
@@ -269,6 +295,7 @@ fn parse_ipv6<P: PacketBytes + ?Sized>(packet: &P, at: usize) -> NetworkResult {
 fn parse_transport<P: PacketBytes + ?Sized>(packet: &P, net: &Network) -> Parsed {
     match (net.family, net.protocol) {
         (_, PROTO_TCP) => parse_tcp(packet, net),
+        (_, PROTO_UDP) => parse_udp(packet, net),
         (FAMILY_IPV4, PROTO_ICMP) => parse_icmp_unreachable(packet, net, ICMP_DEST_UNREACHABLE),
         (FAMILY_IPV6, PROTO_ICMPV6) => parse_icmp_unreachable(packet, net, ICMPV6_DEST_UNREACHABLE),
         _ => Parsed::Other,
@@ -296,6 +323,35 @@ fn parse_tcp<P: PacketBytes + ?Sized>(packet: &P, net: &Network) -> Parsed {
         payload_len: (net.l4_len - header_len) as u32,
         ip_offset: net.l3_offset as u32,
         tcp_offset: net.l4_offset as u32,
+        _pad: [0; 2],
+    })
+}
+
+#[inline(always)]
+fn parse_udp<P: PacketBytes + ?Sized>(packet: &P, net: &Network) -> Parsed {
+    let Some(u) = packet.read::<8>(net.l4_offset) else {
+        return Parsed::Malformed;
+    };
+    let len = be16([u[4], u[5]]) as usize;
+    // Length 0 is an IPv6 jumbogram. A first fragment holds less than the UDP length says:
+    // what is there is still read correctly.
+    let len = if len == 0 {
+        net.l4_len
+    } else {
+        len.min(net.l4_len)
+    };
+    if len < 8 {
+        return Parsed::Malformed;
+    }
+    Parsed::Udp(UdpDatagram {
+        family: net.family,
+        src: net.src,
+        dst: net.dst,
+        src_port: be16([u[0], u[1]]),
+        dst_port: be16([u[2], u[3]]),
+        payload_offset: (net.l4_offset + 8) as u32,
+        payload_len: (len - 8) as u32,
+        _pad: [0; 3],
     })
 }
 
@@ -339,6 +395,7 @@ fn parse_icmp_unreachable<P: PacketBytes + ?Sized>(
         src_port: be16([t[0], t[1]]),
         dst_port: be16([t[2], t[3]]),
         seq: be32([t[4], t[5], t[6], t[7]]),
+        _pad: [0; 3],
     })
 }
 
@@ -512,6 +569,45 @@ mod tests {
     }
 
     #[test]
+    fn parse_results_have_no_implicit_padding() {
+        use core::mem::size_of;
+        assert_eq!(size_of::<TcpSegment>(), 20 + 4 + 32 + 4);
+        assert_eq!(size_of::<QuotedFlow>(), 4 + 4 + 32 + 4);
+        assert_eq!(size_of::<UdpDatagram>(), 8 + 4 + 32 + 4);
+    }
+
+    #[test]
+    fn parses_udp_both_families() {
+        for (src, dst, ip_len) in [
+            (Addr::V4(A4), Addr::V4(B4), 20),
+            (Addr::V6(A6), Addr::V6(B6), 40),
+        ] {
+            let frame = udp_frame(src, dst, 5353, 53, b"hello");
+            match parse_ethernet(frame.as_slice()) {
+                Parsed::Udp(d) => {
+                    assert_eq!((d.src_port, d.dst_port, d.payload_len), (5353, 53, 5));
+                    assert_eq!(d.payload_offset as usize, 14 + ip_len + 8);
+                    assert_eq!((d.src, d.dst), (src.bytes(), dst.bytes()));
+                }
+                other => panic!("{other:?}"),
+            }
+            for cut in 0..14 + ip_len + 8 {
+                let parsed = parse_ethernet(&frame[..cut]);
+                assert!(
+                    matches!(parsed, Parsed::Other | Parsed::Malformed),
+                    "cut at {cut}: {parsed:?}"
+                );
+            }
+        }
+        // A UDP length below its own header is malformed; one beyond the packet is cut to it.
+        let mut frame = udp_frame(Addr::V4(A4), Addr::V4(B4), 1, 53, b"abc");
+        frame[14 + 20 + 5] = 7;
+        assert_eq!(parse_ethernet(frame.as_slice()), Parsed::Malformed);
+        frame[14 + 20 + 5] = 200;
+        assert!(matches!(parse_ethernet(frame.as_slice()), Parsed::Udp(d) if d.payload_len == 3));
+    }
+
+    #[test]
     fn inconsistent_lengths_are_malformed() {
         let mut frame = tcp_frame(Addr::V4(A4), Addr::V4(B4), 1, 2, 3, 4, tcp_flags::SYN, 0);
         frame[14] = 0x44; // IHL 4 (16 bytes) is below the minimum
@@ -534,7 +630,7 @@ mod tests {
         frame[14 + 7] = 1; // fragment offset 8 bytes
         assert_eq!(parse_ethernet(frame.as_slice()), Parsed::Other);
         let mut frame = tcp_frame(Addr::V4(A4), Addr::V4(B4), 1, 2, 3, 4, tcp_flags::SYN, 0);
-        frame[14 + 9] = 17; // UDP
+        frame[14 + 9] = 47; // GRE
         assert_eq!(parse_ethernet(frame.as_slice()), Parsed::Other);
         let mut frame = tcp_frame(Addr::V4(A4), Addr::V4(B4), 1, 2, 3, 4, tcp_flags::SYN, 0);
         frame[12] = 0x08;

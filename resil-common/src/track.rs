@@ -22,14 +22,16 @@ pub enum Way {
 
 /// Counter bits of [`Effects::counters`], one per [`EndpointStats`] field.
 pub mod count {
-    pub const ATTEMPT: u8 = 1 << 0;
-    pub const ESTABLISHED: u8 = 1 << 1;
-    pub const REFUSED: u8 = 1 << 2;
-    pub const RESET_IN: u8 = 1 << 3;
-    pub const RESET_OUT: u8 = 1 << 4;
-    pub const SYN_RETRANSMIT: u8 = 1 << 5;
-    pub const RETRANSMIT: u8 = 1 << 6;
-    pub const UNREACHABLE: u8 = 1 << 7;
+    pub const ATTEMPT: u16 = 1 << 0;
+    pub const ESTABLISHED: u16 = 1 << 1;
+    pub const REFUSED: u16 = 1 << 2;
+    pub const RESET_IN: u16 = 1 << 3;
+    pub const RESET_OUT: u16 = 1 << 4;
+    pub const SYN_RETRANSMIT: u16 = 1 << 5;
+    pub const RETRANSMIT: u16 = 1 << 6;
+    pub const UNREACHABLE: u16 = 1 << 7;
+    pub const SEGMENT: u16 = 1 << 8;
+    pub const CLOSED: u16 = 1 << 9;
 }
 
 /// How far from the expected sequence number an incoming RST may be and still count
@@ -54,7 +56,7 @@ pub enum Update {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Effects {
     /// [`count`] bits to add to the connection's endpoint.
-    pub counters: u8,
+    pub counters: u16,
     /// Whose endpoint the counters belong to.
     pub direction: Direction,
     /// Handshake latency in ns when `counters` has [`count::ESTABLISHED`].
@@ -75,7 +77,7 @@ impl Effects {
         update: Update::Keep,
     };
 
-    fn counting(counters: u8, direction: Direction, update: Update) -> Self {
+    fn counting(counters: u16, direction: Direction, update: Update) -> Self {
         Effects {
             counters,
             direction,
@@ -98,6 +100,8 @@ pub fn count_into(stats: &mut EndpointStats, effects: &Effects) {
     stats.syn_retransmits += (c & count::SYN_RETRANSMIT != 0) as u64;
     stats.retransmits += (c & count::RETRANSMIT != 0) as u64;
     stats.unreachable += (c & count::UNREACHABLE != 0) as u64;
+    stats.segments += (c & count::SEGMENT != 0) as u64;
+    stats.closed += (c & count::CLOSED != 0) as u64;
 }
 
 /// Writes into `*dst` the fields in which `new` differs from `old` (the state the decision was
@@ -136,16 +140,36 @@ pub fn seq_before(a: u32, b: u32) -> bool {
 /// The connection key of a segment, oriented from this node.
 #[inline(always)]
 pub fn conn_key(seg: &TcpSegment, way: Way) -> ConnKey {
+    flow_key(
+        seg.family,
+        &seg.src,
+        &seg.dst,
+        seg.src_port,
+        seg.dst_port,
+        way,
+    )
+}
+
+/// The key of a flow seen crossing the interface `way`, oriented from this node.
+#[inline(always)]
+pub fn flow_key(
+    family: u8,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    src_port: u16,
+    dst_port: u16,
+    way: Way,
+) -> ConnKey {
     let (local_addr, remote_addr, local_port, remote_port) = match way {
-        Way::Egress => (seg.src, seg.dst, seg.src_port, seg.dst_port),
-        Way::Ingress => (seg.dst, seg.src, seg.dst_port, seg.src_port),
+        Way::Egress => (*src, *dst, src_port, dst_port),
+        Way::Ingress => (*dst, *src, dst_port, src_port),
     };
     ConnKey {
         local_addr,
         remote_addr,
         local_port,
         remote_port,
-        family: seg.family,
+        family,
         _pad: [0; 3],
     }
 }
@@ -186,13 +210,17 @@ pub fn on_tcp(conn: Option<&ConnState>, seg: &TcpSegment, way: Way, now_ns: u64)
         // Connections whose handshake resil did not see are not tracked.
         return Effects::NOTHING;
     };
-    if syn {
+    let mut effects = if syn {
         on_syn_ack(conn, seg, way, now_ns)
     } else if rst {
         on_reset(conn, seg, way)
     } else {
         on_segment(conn, seg, way, now_ns)
+    };
+    if effects.update == Update::Delete && conn.phase == Phase::Established as u32 {
+        effects.counters |= count::CLOSED;
     }
+    effects
 }
 
 #[inline(always)]
@@ -380,6 +408,9 @@ fn on_segment(conn: &ConnState, seg: &TcpSegment, way: Way, now_ns: u64) -> Effe
         return Effects::NOTHING;
     }
     let fin = seg.flags & tcp_flags::FIN != 0;
+    if seg.payload_len > 0 {
+        counters |= count::SEGMENT;
+    }
     let len = seg.payload_len.wrapping_add(fin as u32);
     let end = seg.seq.wrapping_add(len);
     match way {

@@ -1,25 +1,39 @@
 //! resil's BPF programs. Thin by design: parse (shared parser in `resil-common`), look up the
 //! connection, apply the shared tracking step, count, and emit at most one event per handshake
-//! step. Nothing here logs or emits per packet.
+//! step or DNS message. Nothing here logs per packet.
+//!
+//! Ingress is observed at XDP (before the stack spends anything on a packet, and where inbound
+//! SYNs can be shed), egress at TC; the cgroup connect hooks refuse local connect()s.
 #![no_std]
 #![no_main]
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
-    bindings::{BPF_F_INGRESS, BPF_F_NO_PREALLOC, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_set_retval},
-    macros::{cgroup_sock_addr, classifier, map},
+    bindings::{
+        xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+        BPF_F_INGRESS, BPF_F_NO_PREALLOC, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
+    },
+    helpers::{
+        bpf_ktime_get_ns, bpf_redirect, bpf_set_retval, bpf_xdp_get_buff_len, bpf_xdp_load_bytes,
+        bpf_xdp_store_bytes,
+    },
+    macros::{cgroup_sock_addr, classifier, map, xdp},
     maps::{HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
-    programs::{SockAddrContext, TcContext},
+    programs::{SockAddrContext, TcContext, XdpContext},
+    EbpfContext,
 };
 use aya_log_ebpf::warn;
 use resil_common::{
     enforce::{self, Decision},
     maps::{
-        ConnKey, ConnState, EndpointKey, EndpointStats, HandshakeEvent, Health, Phase, TokenKey,
-        Verdict, FAMILY_IPV4, HANDSHAKE_RING_BYTES, HEALTH_SLOTS, MAX_CONNECTIONS, MAX_ENDPOINTS,
+        ConnKey, ConnState, Direction, DnsEvent, DnsKind, EndpointKey, EndpointStats,
+        HandshakeEvent, Health, Phase, TokenKey, Verdict, DNS_CAPTURE, DNS_PORT, DNS_RING_BYTES,
+        FAMILY_IPV4, HANDSHAKE_RING_BYTES, HEALTH_SLOTS, MAX_CONNECTIONS, MAX_ENDPOINTS,
         MAX_PROBES, MAX_TOKENS, MAX_VERDICTS,
     },
-    packet::{parse_ethernet, tcp_flags, PacketBytes, Parsed, TcpSegment},
+    packet::{parse_ethernet, tcp_flags, PacketBytes, Parsed, QuotedFlow, TcpSegment, UdpDatagram},
+    rst::{self, PacketWrite, RST_HOPS},
     track::{self, Effects, Update, Way},
 };
 
@@ -33,6 +47,9 @@ static ENDPOINTS: LruPerCpuHashMap<resil_common::maps::EndpointKey, EndpointStat
 
 #[map]
 static HANDSHAKES: RingBuf = RingBuf::with_byte_size(HANDSHAKE_RING_BYTES, 0);
+
+#[map]
+static DNS: RingBuf = RingBuf::with_byte_size(DNS_RING_BYTES, 0);
 
 #[map]
 static HEALTH: PerCpuArray<u64> = PerCpuArray::with_max_entries(HEALTH_SLOTS, 0);
@@ -49,8 +66,6 @@ static TOKENS: HashMap<TokenKey, u8> = HashMap::with_max_entries(MAX_TOKENS, 0);
 const ECONNREFUSED: i32 = 111;
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
-/// TTL / hop limit of the RSTs resil sends.
-const RST_HOPS: u8 = 64;
 const IPPROTO_MPTCP: u32 = 262;
 /// Values a `cgroup/connect*` program returns.
 const CONNECT_ALLOW: i32 = 1;
@@ -74,17 +89,281 @@ impl PacketBytes for Skb<'_> {
     }
 }
 
-/// Observes packets arriving on the interface.
-#[classifier]
-pub fn resil_tc_ingress(ctx: TcContext) -> i32 {
-    observe(&ctx, Way::Ingress)
+/// The XDP frame as a [`PacketBytes`] source: every read and write goes through a kernel
+/// helper that checks the bounds (and follows multi-buffer frames).
+struct Frame<'a>(&'a XdpContext);
+
+impl PacketBytes for Frame<'_> {
+    #[inline(always)]
+    fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        let mut out = [0u8; N];
+        // SAFETY: the helper writes at most N bytes into `out`.
+        let r = unsafe {
+            bpf_xdp_load_bytes(
+                self.0.ctx,
+                offset as u32,
+                out.as_mut_ptr() as *mut c_void,
+                N as u32,
+            )
+        };
+        (r == 0).then_some(out)
+    }
+
+    #[inline(always)]
+    fn total_len(&self) -> usize {
+        // SAFETY: a helper reading the context it is given.
+        unsafe { bpf_xdp_get_buff_len(self.0.ctx) as usize }
+    }
+}
+
+impl PacketWrite for Frame<'_> {
+    #[inline(always)]
+    fn write<const N: usize>(&self, offset: usize, bytes: [u8; N]) -> Option<()> {
+        // SAFETY: the helper reads N bytes from `bytes` and checks the frame's bounds.
+        let r = unsafe {
+            bpf_xdp_store_bytes(
+                self.0.ctx,
+                offset as u32,
+                bytes.as_ptr() as *mut c_void,
+                N as u32,
+            )
+        };
+        (r == 0).then_some(())
+    }
+}
+
+/// Observes packets arriving on the interface, and sheds inbound SYNs to local services the
+/// daemon marked for shedding (answered at once with a RST).
+///
+/// Each step is a call of its own, made from here: the verifier adds up the stack frames of a
+/// call chain, and parsing, shedding and tracking each need a good part of the 512 bytes.
+#[xdp]
+pub fn resil_xdp_ingress(ctx: XdpContext) -> u32 {
+    let mut found = Found::default();
+    let kind = parse_frame(&Frame(&ctx), &mut found);
+    // SAFETY (each union read below): `parse_frame` wrote the variant its kind names.
+    match kind {
+        FRAME_TCP => {
+            let segment = unsafe { &found.tcp };
+            if let Some(action) = shed_syn(&ctx, segment) {
+                return action;
+            }
+            ingress_tcp(&ctx, segment);
+        }
+        FRAME_UNREACHABLE => ingress_unreachable(&ctx, unsafe { &found.flow }),
+        FRAME_UDP if unsafe { found.udp.src_port } == DNS_PORT => {
+            let datagram = unsafe { &found.udp };
+            dns_event(datagram, Way::Ingress, |message, len| {
+                // SAFETY: `message` has room for DNS_CAPTURE bytes and 1 <= len <= DNS_CAPTURE.
+                unsafe {
+                    bpf_xdp_load_bytes(
+                        ctx.ctx,
+                        datagram.payload_offset,
+                        message as *mut c_void,
+                        len as u32,
+                    ) == 0
+                }
+            });
+        }
+        FRAME_MALFORMED => bump(Health::Malformed),
+        _ => {}
+    }
+    XDP_PASS
+}
+
+/// What [`parse_frame`] found, in one stack slot for all kinds. (The parser's enum cannot
+/// cross a BPF-to-BPF call: copying its unused bytes reads stack the verifier knows is
+/// unwritten.)
+#[repr(C)]
+union Found {
+    tcp: TcpSegment,
+    udp: UdpDatagram,
+    flow: QuotedFlow,
+}
+
+impl Default for Found {
+    fn default() -> Self {
+        Found {
+            tcp: TcpSegment::default(),
+        }
+    }
+}
+
+/// Kinds of [`Found`], as [`parse_frame`] returns them.
+const FRAME_OTHER: u32 = 0;
+const FRAME_TCP: u32 = 1;
+const FRAME_UDP: u32 = 2;
+const FRAME_UNREACHABLE: u32 = 3;
+const FRAME_MALFORMED: u32 = 4;
+
+/// Parses the frame, filling in the one result that applies.
+#[inline(never)]
+fn parse_frame<P: PacketBytes>(bytes: &P, found: &mut Found) -> u32 {
+    match parse_ethernet(bytes) {
+        Parsed::Tcp(tcp) => {
+            *found = Found { tcp };
+            FRAME_TCP
+        }
+        Parsed::Udp(udp) => {
+            *found = Found { udp };
+            FRAME_UDP
+        }
+        Parsed::Unreachable(flow) => {
+            *found = Found { flow };
+            FRAME_UNREACHABLE
+        }
+        Parsed::Malformed => FRAME_MALFORMED,
+        Parsed::Other => FRAME_OTHER,
+    }
+}
+
+/// One arriving TCP segment, tracked.
+#[inline(never)]
+fn ingress_tcp(ctx: &XdpContext, segment: &TcpSegment) {
+    let key = track::conn_key(segment, Way::Ingress);
+    let conn = CONNECTIONS.get_ptr_mut(&key);
+    // SAFETY: the pointer comes from a map lookup and is only read here.
+    let current = conn.map(|p| unsafe { *p });
+    let effects = track::on_tcp(current.as_ref(), segment, Way::Ingress, now_ns());
+    apply(ctx, &key, conn, current.as_ref(), &effects);
+}
+
+/// An ICMP unreachable quoting one of our connections.
+#[inline(never)]
+fn ingress_unreachable(ctx: &XdpContext, flow: &QuotedFlow) {
+    let key = track::quoted_conn_key(flow);
+    let conn = CONNECTIONS.get_ptr_mut(&key);
+    // SAFETY: as above.
+    let current = conn.map(|p| unsafe { *p });
+    let effects = track::on_unreachable(current.as_ref(), flow);
+    apply(ctx, &key, conn, current.as_ref(), &effects);
 }
 
 /// Observes packets leaving through the interface, and refuses forwarded SYNs to endpoints
 /// whose circuit is open (local sockets are refused earlier, by the connect hooks).
 #[classifier]
 pub fn resil_tc_egress(ctx: TcContext) -> i32 {
-    observe(&ctx, Way::Egress)
+    let mut found = Found::default();
+    let kind = parse_frame(&Skb(&ctx), &mut found);
+    // SAFETY (each union read below): `parse_frame` wrote the variant its kind names.
+    match kind {
+        FRAME_TCP => {
+            let segment = unsafe { &found.tcp };
+            if let Some(action) = refuse_forwarded_syn(&ctx, segment) {
+                return action;
+            }
+            egress_tcp(&ctx, segment);
+        }
+        FRAME_UDP if unsafe { found.udp.dst_port } == DNS_PORT => {
+            let datagram = unsafe { &found.udp };
+            // A query: its id (the first two bytes) is all the daemon needs.
+            dns_event(datagram, Way::Egress, |message, len| {
+                let Ok(id) = ctx.load::<[u8; 2]>(datagram.payload_offset as usize) else {
+                    return false;
+                };
+                if len >= 2 {
+                    // SAFETY: `message` has room for DNS_CAPTURE >= 2 bytes.
+                    unsafe { core::ptr::write_unaligned(message as *mut [u8; 2], id) };
+                }
+                len >= 2
+            });
+        }
+        FRAME_MALFORMED => bump(Health::Malformed),
+        _ => {}
+    }
+    // "No opinion": under TCX the next program runs (TCX_NEXT), with classic filters the
+    // next filter; resil's observer never ends the chain for others.
+    TC_ACT_UNSPEC
+}
+
+/// One leaving TCP segment, tracked.
+#[inline(never)]
+fn egress_tcp(ctx: &TcContext, segment: &TcpSegment) {
+    let key = track::conn_key(segment, Way::Egress);
+    let conn = CONNECTIONS.get_ptr_mut(&key);
+    // SAFETY: the pointer comes from a map lookup and is only read here.
+    let current = conn.map(|p| unsafe { *p });
+    let effects = track::on_tcp(current.as_ref(), segment, Way::Egress, now_ns());
+    apply(ctx, &key, conn, current.as_ref(), &effects);
+}
+
+/// Emits one DNS event for a datagram to or from port 53. `capture` copies `len` bytes of the
+/// message into the record (1 <= len <= DNS_CAPTURE) and says whether it could.
+#[inline(never)]
+fn dns_event(datagram: &UdpDatagram, way: Way, capture: impl FnOnce(*mut u8, usize) -> bool) {
+    let Some(mut entry) = DNS.reserve::<DnsEvent>(0) else {
+        bump(Health::DnsEventsLost);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    let mut len = datagram.payload_len as usize;
+    if len > DNS_CAPTURE {
+        len = DNS_CAPTURE;
+    }
+    let kind = match way {
+        Way::Egress => DnsKind::Query,
+        Way::Ingress => DnsKind::Answer,
+    };
+    // SAFETY: `event` points to a reserved record of the right size; every field is written
+    // before it is submitted.
+    unsafe {
+        (*event).ts_ns = now_ns();
+        (*event).conn = track::flow_key(
+            datagram.family,
+            &datagram.src,
+            &datagram.dst,
+            datagram.src_port,
+            datagram.dst_port,
+            way,
+        );
+        (*event).kind = kind as u8;
+        (*event)._pad = 0;
+        (*event)._pad2 = [0; 4];
+        let captured = len > 0 && capture((*event).message.as_mut_ptr(), len);
+        (*event).len = if captured { len as u16 } else { 0 };
+    }
+    entry.submit(0);
+}
+
+/// An inbound SYN to a local service whose verdict refuses: answer it with a RST from here
+/// (XDP_TX), so the client learns at once instead of queueing and timing out. Returns the
+/// XDP verdict if the frame was taken over.
+#[inline(never)]
+fn shed_syn(ctx: &XdpContext, seg: &TcpSegment) -> Option<u32> {
+    if seg.flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) != tcp_flags::SYN {
+        return None;
+    }
+    // A retransmission of a SYN already let through belongs to that connection.
+    let key = track::conn_key(seg, Way::Ingress);
+    // SAFETY: a copy is taken at once.
+    let conn = unsafe { CONNECTIONS.get(&key).copied() };
+    if conn.is_some_and(|c| c.phase == Phase::SynReceived as u32 && c.remote_isn == seg.seq) {
+        return None;
+    }
+    let service = EndpointKey {
+        addr: seg.dst,
+        port: seg.dst_port,
+        family: seg.family,
+        direction: Direction::Inbound as u8,
+    };
+    // SAFETY: a copy is taken at once.
+    let verdict = unsafe { VERDICTS.get(&service).copied() };
+    match enforce::decide(verdict.as_ref(), now_ns()) {
+        Decision::Refuse => {}
+        Decision::WouldRefuse => {
+            count_enforcement(&service, false);
+            return None;
+        }
+        Decision::Allow | Decision::TakeToken { .. } => return None,
+    }
+    count_enforcement(&service, true);
+    if seg.payload_len > 0 {
+        return Some(XDP_DROP); // TCP Fast Open: the client retries without data
+    }
+    match rst::syn_into_rst(&Frame(ctx), seg) {
+        Some(()) => Some(XDP_TX),
+        None => Some(XDP_DROP),
+    }
 }
 
 /// Refuses `connect()` on TCP sockets to IPv4 endpoints whose circuit is open.
@@ -178,7 +457,7 @@ fn take_token(endpoint: &EndpointKey, generation: u32, probes: u32) -> bool {
     false
 }
 
-/// Counts a refusal (or what would have been one) for an outbound endpoint.
+/// Counts a refusal (or what would have been one) for an endpoint.
 #[inline(always)]
 fn count_enforcement(endpoint: &EndpointKey, refused: bool) {
     if let Some(stats) = endpoint_stats(endpoint) {
@@ -199,12 +478,8 @@ fn count_enforcement(endpoint: &EndpointKey, refused: bool) {
 /// Only `Refuse` verdicts apply here. In HALF_OPEN and under metrics-only policies forwarded
 /// SYNs pass: a pod whose connect() was already admitted (and counted) by the cgroup hook in
 /// its own namespace must not be checked, or counted, a second time on its way out.
-#[inline(always)]
-fn refuse_forwarded_syn(
-    ctx: &TcContext,
-    seg: &TcpSegment,
-    conn: Option<&ConnState>,
-) -> Option<i32> {
+#[inline(never)]
+fn refuse_forwarded_syn(ctx: &TcContext, seg: &TcpSegment) -> Option<i32> {
     let syn = seg.flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) == tcp_flags::SYN;
     // SAFETY: reading the context's socket pointer, which the verifier allows for TC.
     let local = unsafe { !(*ctx.skb.skb).__bindgen_anon_2.sk.is_null() };
@@ -212,6 +487,9 @@ fn refuse_forwarded_syn(
         return None;
     }
     // A retransmission of a SYN already let through belongs to that connection.
+    let key = track::conn_key(seg, Way::Egress);
+    // SAFETY: a copy is taken at once.
+    let conn = unsafe { CONNECTIONS.get(&key).copied() };
     if conn.is_some_and(|c| c.phase == Phase::SynSent as u32 && c.local_isn == seg.seq) {
         return None;
     }
@@ -298,46 +576,14 @@ fn rewrite_into_rst(ctx: &TcContext, seg: &TcpSegment) -> Option<()> {
 }
 
 #[inline(always)]
-fn observe(ctx: &TcContext, way: Way) -> i32 {
-    match parse_ethernet(&Skb(ctx)) {
-        Parsed::Tcp(segment) => {
-            let key = track::conn_key(&segment, way);
-            let conn = CONNECTIONS.get_ptr_mut(&key);
-            // SAFETY: the pointer comes from a map lookup and is only read here.
-            let current = conn.map(|p| unsafe { *p });
-            if way == Way::Egress {
-                if let Some(action) = refuse_forwarded_syn(ctx, &segment, current.as_ref()) {
-                    return action;
-                }
-            }
-            let effects = track::on_tcp(current.as_ref(), &segment, way, now_ns());
-            apply(ctx, &key, conn, current.as_ref(), &effects);
-        }
-        Parsed::Unreachable(flow) if way == Way::Ingress => {
-            let key = track::quoted_conn_key(&flow);
-            let conn = CONNECTIONS.get_ptr_mut(&key);
-            // SAFETY: as above.
-            let current = conn.map(|p| unsafe { *p });
-            let effects = track::on_unreachable(current.as_ref(), &flow);
-            apply(ctx, &key, conn, current.as_ref(), &effects);
-        }
-        Parsed::Malformed => bump(Health::Malformed),
-        Parsed::Unreachable(_) | Parsed::Other => {}
-    }
-    // "No opinion": under TCX the next program runs (TCX_NEXT), with classic filters the
-    // next filter; resil's observers never end the chain for others.
-    TC_ACT_UNSPEC
-}
-
-#[inline(always)]
 fn now_ns() -> u64 {
     // SAFETY: a helper without arguments.
     unsafe { bpf_ktime_get_ns() }
 }
 
 #[inline(always)]
-fn apply(
-    ctx: &TcContext,
+fn apply<C: EbpfContext>(
+    ctx: &C,
     key: &ConnKey,
     conn: Option<*mut ConnState>,
     read: Option<&ConnState>,
@@ -372,7 +618,7 @@ fn apply(
 }
 
 #[inline(always)]
-fn count_for_endpoint(ctx: &TcContext, key: &ConnKey, effects: &Effects) {
+fn count_for_endpoint<C: EbpfContext>(ctx: &C, key: &ConnKey, effects: &Effects) {
     let Some(stats) = endpoint_stats(&key.endpoint(effects.direction)) else {
         warn!(ctx, "resil: endpoint map insert failed");
         return;

@@ -13,6 +13,7 @@ use crate::{
     daemon::{self, DaemonOptions},
     error::usage,
     output::{self, Format},
+    probes::XdpMode,
 };
 
 /// resil: kernel-level network resilience. Sees every TCP connection this node makes or
@@ -105,6 +106,9 @@ pub struct DaemonArgs {
     /// Kernel-side log level (off, error, warn, info, debug, trace); masked at load time.
     #[arg(long, value_name = "LEVEL", default_value = "off")]
     pub bpf_log: LevelFilter,
+    /// How to attach the XDP ingress observer: native where the driver can, else generic.
+    #[arg(long, value_enum, default_value_t = XdpMode::Auto)]
+    pub xdp_mode: XdpMode,
 }
 
 /// Parses the command line and runs the subcommand.
@@ -123,6 +127,7 @@ pub fn run() -> Result<()> {
             socket: args.socket,
             cgroup: args.cgroup,
             bpf_log: args.bpf_log,
+            xdp_mode: args.xdp_mode,
         }),
         Command::Trip(args) => manual(args, ManualAction::Trip),
         Command::Reset(args) => manual(args, ManualAction::Reset),

@@ -18,16 +18,7 @@ pub struct Collector {
 pub fn sum(values: &[EndpointStats]) -> EndpointStats {
     let mut total = EndpointStats::ZERO;
     for v in values {
-        total.attempts += v.attempts;
-        total.established += v.established;
-        total.refused += v.refused;
-        total.resets_in += v.resets_in;
-        total.resets_out += v.resets_out;
-        total.syn_retransmits += v.syn_retransmits;
-        total.retransmits += v.retransmits;
-        total.unreachable += v.unreachable;
-        total.fast_failed += v.fast_failed;
-        total.would_fast_fail += v.would_fast_fail;
+        total.add(v);
         // Only the creating CPU's copy holds the creation time.
         total.created_ns = total.created_ns.max(v.created_ns);
     }
@@ -78,6 +69,7 @@ impl Collector {
             Health::EndpointInsertFailed,
             Health::EventsLost,
             Health::Malformed,
+            Health::DnsEventsLost,
         ];
         let mut grew = Vec::new();
         for slot in slots {
@@ -95,13 +87,22 @@ impl Collector {
     }
 }
 
-/// Drains every record waiting in the handshake ring buffer.
-pub fn drain(ring: &mut RingBuf<MapData>, mut f: impl FnMut(HandshakeEvent)) {
+/// Drains every record waiting in a ring buffer, decoding each with `decode`.
+pub fn drain<T>(
+    ring: &mut RingBuf<MapData>,
+    decode: impl Fn(&[u8]) -> Option<T>,
+    mut f: impl FnMut(T),
+) {
     while let Some(item) = ring.next() {
-        if let Some(event) = decode_event(&item) {
+        if let Some(event) = decode(&item) {
             f(event);
         }
     }
+}
+
+/// Takes the DNS ring buffer from the loaded programs.
+pub fn dns_ring(probes: &mut Probes) -> Result<RingBuf<MapData>> {
+    RingBuf::try_from(probes.take_map(names::DNS)?).context("the DNS map has an unexpected type")
 }
 
 #[cfg(test)]

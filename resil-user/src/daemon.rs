@@ -1,13 +1,20 @@
 //! The agent: load and attach the programs, then on every tick read the kernel's counters,
 //! time out unanswered handshakes and answer the local API, until SIGINT or SIGTERM.
 
-use std::{net::SocketAddr, os::fd::AsRawFd, path::PathBuf, rc::Rc, time::Duration};
+use std::{
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    rc::Rc,
+    time::Duration,
+};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::maps::{MapData, RingBuf};
 use log::{error, info, warn, LevelFilter};
 use resil_common::maps::{
-    Direction, EndpointKey, HandshakeEvent, HandshakeKind, Health, FAMILY_IPV4, FAMILY_IPV6,
+    Direction, DnsEvent, EndpointKey, HandshakeEvent, HandshakeKind, Health, FAMILY_IPV4,
+    FAMILY_IPV6,
 };
 use tokio::{
     io::{unix::AsyncFd, Interest},
@@ -25,18 +32,27 @@ use crate::{
     clock::monotonic_ns,
     collector::{self, Collector},
     config::Config,
+    deadlines::ConnDeadlines,
     endpoints::{socket_addr, EndpointTable},
     enforcer::Enforcer,
     error::usage,
-    handshakes::ConnDeadlines,
+    names::Names,
     netinfo,
-    probes::Probes,
+    probes::{Probes, XdpMode},
+    resolvers::{self, Resolvers},
 };
 
 /// Handshakes the daemon follows at once, at most.
 const MAX_PENDING_HANDSHAKES: usize = 262_144;
 /// How long a completed handshake may still turn into a failure (reset before any reply).
 const RESET_HORIZON_NS: u64 = 30_000_000_000;
+/// A DNS query without an answer after this long is a timeout (glibc's resolver retries
+/// after 5 s; most stub resolvers sooner).
+const DNS_TIMEOUT_NS: u64 = 2_000_000_000;
+/// Where static names come from.
+const HOSTS_FILE: &str = "/etc/hosts";
+/// Span of the "recent" figures findings are judged on (they cover one to two spans).
+const RECENT_SPAN_NS: u64 = 10_000_000_000;
 
 /// What `resil daemon` was asked to do.
 #[derive(Debug, Clone)]
@@ -51,6 +67,8 @@ pub struct DaemonOptions {
     pub cgroup: Option<PathBuf>,
     /// Which kernel-side log statements are live.
     pub bpf_log: LevelFilter,
+    /// How to attach the XDP ingress observer.
+    pub xdp_mode: XdpMode,
 }
 
 /// Runs the daemon until a signal asks it to stop.
@@ -135,6 +153,10 @@ struct Agent {
     successes: ConnDeadlines<Recorded>,
     /// Handshake-table overflows already logged.
     reported_overflow: u64,
+    /// DNS health per resolver.
+    resolvers: Resolvers,
+    /// Names of addresses.
+    names: Names,
 }
 
 impl Agent {
@@ -147,7 +169,14 @@ impl Agent {
             handshakes: ConnDeadlines::new(MAX_PENDING_HANDSHAKES),
             successes: ConnDeadlines::new(MAX_PENDING_HANDSHAKES),
             reported_overflow: 0,
+            resolvers: Resolvers::new(DNS_TIMEOUT_NS),
+            names: Names::new(Path::new(HOSTS_FILE)),
         }
+    }
+
+    fn on_dns(&mut self, event: &DnsEvent) {
+        self.resolvers
+            .on_event(event, &mut self.names, monotonic_ns());
     }
 
     fn on_handshake(&mut self, event: HandshakeEvent) {
@@ -213,6 +242,7 @@ impl Agent {
             );
         }
         self.successes.expire(now);
+        self.resolvers.tick(now, RECENT_SPAN_NS);
         self.circuits.tick(now);
         self.enforce(now);
         self.endpoints.end_tick();
@@ -235,7 +265,10 @@ impl Agent {
                 Health::EventsLost => {
                     warn!("{grew} handshake events were lost: the ring buffer was full")
                 }
-                Health::Malformed => log::debug!("{grew} malformed TCP/ICMP packets seen"),
+                Health::DnsEventsLost => {
+                    warn!("{grew} DNS events were lost: the DNS ring buffer was full")
+                }
+                Health::Malformed => log::debug!("{grew} malformed TCP/UDP/ICMP packets seen"),
             }
         }
     }
@@ -395,16 +428,19 @@ async fn agent(
     // Before anything is attached, so a signal during start-up still ends in a clean exit.
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    // The socket first: a second daemon must learn that one is running before it touches
+    // any hook (an interface holds one XDP program only).
+    let server = Rc::new(Server::bind(&options.socket)?);
     let mut probes = Probes::load(options.bpf_log)?;
     for iface in &interfaces {
-        probes.attach_tc(iface)?;
+        probes.attach(iface, options.xdp_mode)?;
     }
     probes.attach_cgroup(&cgroup)?;
     let (mut collector, ring) = Collector::new(&mut probes)?;
     let enforcer = Enforcer::new(&mut probes, config.fail_open_after.as_nanos() as u64)?;
     let mut ring: AsyncFd<RingBuf<MapData>> = watch(ring, "the handshake ring buffer")?;
+    let mut dns_ring = watch(collector::dns_ring(&mut probes)?, "the DNS ring buffer")?;
     let mut bpf_logger = watch(probes.take_logger()?, "the BPF log ring buffer")?;
-    let server = Rc::new(Server::bind(&options.socket)?);
     let (requests_tx, mut requests) = mpsc::channel(64);
     let serving = {
         let server = Rc::clone(&server);
@@ -426,14 +462,20 @@ async fn agent(
         tokio::select! {
             _ = tick.tick() => {
                 // Settle every answer that already arrived before timing anything out.
-                collector::drain(ring.get_mut(), |event| agent.on_handshake(event));
+                collector::drain(ring.get_mut(), collector::decode_event, |e| agent.on_handshake(e));
+                collector::drain(dns_ring.get_mut(), resolvers::decode_event, |e| agent.on_dns(&e));
                 agent.tick(&mut collector);
             }
             ready = ring.readable_mut() => {
                 let mut guard = ready.context("waiting on the handshake ring buffer failed")?;
-                collector::drain(guard.get_inner_mut(), |event| agent.on_handshake(event));
+                collector::drain(guard.get_inner_mut(), collector::decode_event, |e| agent.on_handshake(e));
                 guard.clear_ready();
                 agent.enforce_changes();
+            }
+            ready = dns_ring.readable_mut() => {
+                let mut guard = ready.context("waiting on the DNS ring buffer failed")?;
+                collector::drain(guard.get_inner_mut(), resolvers::decode_event, |e| agent.on_dns(&e));
+                guard.clear_ready();
             }
             ready = bpf_logger.readable_mut() => {
                 let mut guard = ready.context("waiting on the BPF log failed")?;

@@ -52,11 +52,6 @@ impl Default for EndpointTable {
     }
 }
 
-fn add_delta(total: &mut u64, last: u64, now: u64) {
-    // A reading below the last one means the kernel entry was evicted and started again.
-    *total += if now >= last { now - last } else { now };
-}
-
 impl EndpointTable {
     /// A table that keeps at most `capacity` endpoints.
     pub fn with_capacity(capacity: usize) -> Self {
@@ -114,25 +109,7 @@ impl EndpointTable {
         } else {
             &e.last
         };
-        let t = &mut e.total;
-        add_delta(&mut t.attempts, l.attempts, now.attempts);
-        add_delta(&mut t.established, l.established, now.established);
-        add_delta(&mut t.refused, l.refused, now.refused);
-        add_delta(&mut t.resets_in, l.resets_in, now.resets_in);
-        add_delta(&mut t.resets_out, l.resets_out, now.resets_out);
-        add_delta(
-            &mut t.syn_retransmits,
-            l.syn_retransmits,
-            now.syn_retransmits,
-        );
-        add_delta(&mut t.retransmits, l.retransmits, now.retransmits);
-        add_delta(&mut t.unreachable, l.unreachable, now.unreachable);
-        add_delta(&mut t.fast_failed, l.fast_failed, now.fast_failed);
-        add_delta(
-            &mut t.would_fast_fail,
-            l.would_fast_fail,
-            now.would_fast_fail,
-        );
+        e.total.add(&now.since(l));
         e.last = *now;
     }
 

@@ -6,7 +6,10 @@ use std::{fs::File, path::Path};
 
 use aya::{
     maps::Map,
-    programs::{tc, CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType},
+    programs::{
+        tc, xdp::XdpMode as XdpFlags, CgroupAttachMode, CgroupSockAddr, SchedClassifier,
+        TcAttachType, Xdp,
+    },
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
@@ -15,20 +18,37 @@ use log::LevelFilter;
 /// The compiled BPF object, embedded in the binary.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/resil"));
 
-/// TC program names in the object: (program, attach point).
-const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
-    ("resil_tc_ingress", TcAttachType::Ingress),
-    ("resil_tc_egress", TcAttachType::Egress),
-];
+/// The egress observer (TC).
+const TC_EGRESS: &str = "resil_tc_egress";
+/// The ingress observer and shedder (XDP).
+const XDP_INGRESS: &str = "resil_xdp_ingress";
 
 /// cgroup connect programs in the object.
 const CONNECT_PROGRAMS: [&str; 2] = ["resil_connect4", "resil_connect6"];
+
+/// How to attach the XDP observer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum XdpMode {
+    /// Native (in the driver) where it works, generic otherwise.
+    #[default]
+    Auto,
+    /// Native only: fail if the driver cannot.
+    Native,
+    /// Generic (after the socket buffer is built): works on every interface.
+    Generic,
+}
 
 /// The loaded programs and everything they are attached to.
 pub struct Probes {
     ebpf: Ebpf,
     /// Interfaces where resil added the `clsact` qdisc (kernels without TCX), to remove it.
     added_qdiscs: Vec<String>,
+    /// Interfaces with the XDP observer, and in which mode.
+    xdp_modes: Vec<(String, &'static str)>,
+}
+
+fn rejected(name: &str) -> String {
+    format!("the kernel rejected the BPF program {name}")
 }
 
 /// The value of aya-log's `AYA_LOG_LEVEL` global for a log filter: 0 masks every statement.
@@ -53,39 +73,86 @@ impl Probes {
     /// statements are live; `Off` masks them all at load time.
     pub fn load(bpf_log: LevelFilter) -> Result<Probes> {
         let level = bpf_log_level(bpf_log);
-        let mut ebpf = EbpfLoader::new()
+        let ebpf = EbpfLoader::new()
             .override_global("AYA_LOG_LEVEL", &level, true)
             .load(OBJECT)
             .context(
                 "cannot load resil's BPF programs (needs root and a kernel with BPF and BTF)",
             )?;
-        for (name, _) in TC_PROGRAMS {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .with_context(|| format!("the BPF object has no program {name}"))?
-                .try_into()?;
-            program
-                .load()
-                .with_context(|| format!("the kernel rejected the BPF program {name}"))?;
-        }
-        for name in CONNECT_PROGRAMS {
-            let program: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .with_context(|| format!("the BPF object has no program {name}"))?
-                .try_into()?;
-            program
-                .load()
-                .with_context(|| format!("the kernel rejected the BPF program {name}"))?;
-        }
-        Ok(Probes {
+        let mut probes = Probes {
             ebpf,
             added_qdiscs: Vec::new(),
-        })
+            xdp_modes: Vec::new(),
+        };
+        probes
+            .program::<SchedClassifier>(TC_EGRESS)?
+            .load()
+            .with_context(|| rejected(TC_EGRESS))?;
+        probes
+            .program::<Xdp>(XDP_INGRESS)?
+            .load()
+            .with_context(|| rejected(XDP_INGRESS))?;
+        for name in CONNECT_PROGRAMS {
+            probes
+                .program::<CgroupSockAddr>(name)?
+                .load()
+                .with_context(|| rejected(name))?;
+        }
+        Ok(probes)
     }
 
-    /// Attaches the TC ingress and egress observers to `iface` (TCX on kernels ≥ 6.6, else
+    /// A program of the object, as its type.
+    fn program<'a, P>(&'a mut self, name: &str) -> Result<&'a mut P>
+    where
+        &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+    {
+        let program = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("the BPF object has no program {name}"))?;
+        program
+            .try_into()
+            .with_context(|| format!("the BPF program {name} is not of the expected type"))
+    }
+
+    /// How the XDP observer is attached on each interface: (interface, "native" or "generic").
+    pub fn xdp_modes(&self) -> &[(String, &'static str)] {
+        &self.xdp_modes
+    }
+
+    /// Attaches the observers to `iface`: XDP on ingress (native where the driver has it,
+    /// generic otherwise; `mode` can insist on one), TC on egress (TCX on kernels ≥ 6.6, else
     /// the `clsact` qdisc, which is removed again on drop if resil added it).
-    pub fn attach_tc(&mut self, iface: &str) -> Result<()> {
+    pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<()> {
+        self.attach_xdp(iface, mode)?;
+        self.attach_tc(iface)
+    }
+
+    fn attach_xdp(&mut self, iface: &str, mode: XdpMode) -> Result<()> {
+        let program = self.program::<Xdp>(XDP_INGRESS)?;
+        let native = match mode {
+            XdpMode::Generic => None,
+            XdpMode::Native | XdpMode::Auto => Some(program.attach(iface, XdpFlags::Driver)),
+        };
+        let used = match (native, mode) {
+            (Some(Ok(_)), _) => "native",
+            (Some(Err(e)), XdpMode::Native) => {
+                return Err(e).with_context(|| {
+                    format!("cannot attach {XDP_INGRESS} to {iface} in native mode (the driver may not support XDP; try --xdp-mode generic)")
+                })
+            }
+            _ => {
+                program.attach(iface, XdpFlags::Skb).with_context(|| {
+                    format!("cannot attach {XDP_INGRESS} to interface {iface} (an interface holds one XDP program: is another tool's there?)")
+                })?;
+                "generic"
+            }
+        };
+        self.xdp_modes.push((iface.to_string(), used));
+        Ok(())
+    }
+
+    fn attach_tc(&mut self, iface: &str) -> Result<()> {
         if !has_tcx() {
             match tc::qdisc_add_clsact(iface) {
                 Ok(()) => self.added_qdiscs.push(iface.to_string()),
@@ -97,16 +164,9 @@ impl Probes {
                 }
             }
         }
-        for (name, point) in TC_PROGRAMS {
-            let program: &mut SchedClassifier = self
-                .ebpf
-                .program_mut(name)
-                .with_context(|| format!("the BPF object has no program {name}"))?
-                .try_into()?;
-            program
-                .attach(iface, point)
-                .with_context(|| format!("cannot attach {name} to interface {iface}"))?;
-        }
+        self.program::<SchedClassifier>(TC_EGRESS)?
+            .attach(iface, TcAttachType::Egress)
+            .with_context(|| format!("cannot attach {TC_EGRESS} to interface {iface}"))?;
         Ok(())
     }
 
@@ -118,12 +178,7 @@ impl Probes {
         let dir = File::open(cgroup)
             .with_context(|| format!("cannot open the cgroup {}", cgroup.display()))?;
         for name in CONNECT_PROGRAMS {
-            let program: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .with_context(|| format!("the BPF object has no program {name}"))?
-                .try_into()?;
-            program
+            self.program::<CgroupSockAddr>(name)?
                 .attach(&dir, CgroupAttachMode::Single)
                 .with_context(|| {
                     format!("cannot attach {name} to the cgroup {}", cgroup.display())

@@ -7,7 +7,7 @@ use aya::programs::{SchedClassifier, TcAttachType};
 use resil_tests::{in_netns, resil_bin, sh, Lab};
 
 /// What is attached to the lab's client interface, as the kernel reports it: TCX programs
-/// (names cut to 15 characters by the kernel), qdiscs and classic TC filters.
+/// (names cut to 15 characters by the kernel), the XDP program, qdiscs and classic TC filters.
 fn attachments(lab: &Lab) -> String {
     let ns = &lab.client_ns;
     let ifname = &lab.client_if;
@@ -21,6 +21,11 @@ fn attachments(lab: &Lab) -> String {
         }
         names
     });
+    // `ip link` names the XDP program: "prog/xdp id 7 name resil_xdp_ingr …".
+    let link = sh("ip", &["-n", ns, "-d", "link", "show", "dev", ifname]).unwrap_or_default();
+    if let Some(at) = link.find("prog/xdp") {
+        out += &format!("xdp: {}\n", &link[at..]);
+    }
     for args in [
         vec!["-n", ns, "qdisc", "show", "dev", ifname],
         vec!["-n", ns, "filter", "show", "dev", ifname, "ingress"],
@@ -41,8 +46,7 @@ fn start_and_stop_twice_leaves_nothing_behind() {
         let daemon = lab.daemon().unwrap();
         let during = attachments(&lab);
         assert!(
-            during.contains("Ingress: resil_tc_ingres")
-                && during.contains("Egress: resil_tc_egress"),
+            during.contains("resil_xdp_ingr") && during.contains("Egress: resil_tc_egress"),
             "round {round}: programs not attached:\n{during}"
         );
         let socket = daemon.socket.clone();
@@ -84,8 +88,11 @@ fn a_second_daemon_on_the_same_socket_fails_and_leaves_the_first_alone() {
     // The loser detached what it had attached; the first daemon is intact and answering.
     let now = attachments(&lab);
     assert_eq!(
-        now.matches("resil_tc").count(),
-        2,
+        (
+            now.matches("resil_tc").count(),
+            now.matches("resil_xdp").count()
+        ),
+        (1, 1),
         "one program each way:\n{now}"
     );
     assert!(first.socket.exists());

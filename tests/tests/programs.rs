@@ -3,21 +3,29 @@
 
 use aya::{
     maps::{HashMap, MapData, PerCpuHashMap, RingBuf},
-    programs::{SchedClassifier, TestRun, TestRunOptions},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
     Ebpf, EbpfLoader,
 };
 use resil_common::{
-    maps::{ConnKey, ConnState, EndpointKey, EndpointStats, HandshakeKind, Phase},
+    maps::{
+        ConnKey, ConnState, DnsEvent, DnsKind, EndpointKey, EndpointStats, HandshakeKind, Phase,
+        Verdict, VerdictAction,
+    },
     packet::{
-        build::{icmp_unreachable_frame, tcp_frame, tcp_packet, Addr},
+        build::{icmp_unreachable_frame, tcp_frame, tcp_packet, udp_frame, Addr},
+        parse_ethernet,
         tcp_flags::{ACK, RST, SYN},
+        Parsed,
     },
 };
 use resil_tests::require_root;
 use resil_user::probes::OBJECT;
 
-/// The observers never change a packet's fate: TC_ACT_UNSPEC (-1), "next program".
+/// The egress observer never changes a packet's fate: TC_ACT_UNSPEC (-1), "next program".
 const TC_ACT_UNSPEC: u32 = u32::MAX;
+/// Nor does the ingress observer, unless it sheds.
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 
 const CLIENT4: Addr = Addr::V4([10, 9, 0, 1]);
 const SERVER4: Addr = Addr::V4([10, 9, 0, 2]);
@@ -30,34 +38,59 @@ fn load() -> Ebpf {
         .override_global("AYA_LOG_LEVEL", &0u8, true)
         .load(OBJECT)
         .expect("load the BPF object");
-    for name in ["resil_tc_ingress", "resil_tc_egress"] {
-        let p: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
-        p.load().expect("the verifier accepts the program");
-    }
+    let p: &mut SchedClassifier = ebpf
+        .program_mut("resil_tc_egress")
+        .unwrap()
+        .try_into()
+        .unwrap();
+    p.load().expect("the verifier accepts the egress program");
+    let p: &mut Xdp = ebpf
+        .program_mut("resil_xdp_ingress")
+        .unwrap()
+        .try_into()
+        .unwrap();
+    p.load().expect("the verifier accepts the ingress program");
     ebpf
 }
 
-fn run(ebpf: &Ebpf, program: &str, frame: &[u8]) -> u32 {
-    let p: &SchedClassifier = ebpf.program(program).unwrap().try_into().unwrap();
-    p.test_run(TestRunOptions {
-        data_in: Some(frame),
-        ..TestRunOptions::default()
-    })
-    .unwrap_or_else(|e| {
-        panic!(
-            "BPF_PROG_TEST_RUN on {} bytes {frame:02x?}: {e}",
-            frame.len()
-        )
-    })
-    .return_value
+/// Runs a program on `frame`; returns its verdict and the frame as it left.
+fn run<P>(program: &P, frame: &[u8]) -> (u32, Vec<u8>)
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
+{
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "BPF_PROG_TEST_RUN on {} bytes {frame:02x?}: {e}",
+                frame.len()
+            )
+        });
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
 }
 
 fn egress(ebpf: &Ebpf, frame: &[u8]) {
-    assert_eq!(run(ebpf, "resil_tc_egress", frame), TC_ACT_UNSPEC);
+    let p: &SchedClassifier = ebpf.program("resil_tc_egress").unwrap().try_into().unwrap();
+    assert_eq!(run(p, frame).0, TC_ACT_UNSPEC);
+}
+
+fn xdp(ebpf: &Ebpf, frame: &[u8]) -> (u32, Vec<u8>) {
+    let p: &Xdp = ebpf
+        .program("resil_xdp_ingress")
+        .unwrap()
+        .try_into()
+        .unwrap();
+    run(p, frame)
 }
 
 fn ingress(ebpf: &Ebpf, frame: &[u8]) {
-    assert_eq!(run(ebpf, "resil_tc_ingress", frame), TC_ACT_UNSPEC);
+    assert_eq!(xdp(ebpf, frame).0, XDP_PASS);
 }
 
 fn endpoints(ebpf: &Ebpf) -> Vec<(EndpointKey, EndpointStats)> {
@@ -235,11 +268,128 @@ fn truncated_and_malformed_frames_pass_and_are_never_misread() {
     assert!(malformed > 0);
 }
 
+fn dns_events(ebpf: &mut Ebpf) -> Vec<DnsEvent> {
+    let mut ring = RingBuf::try_from(ebpf.map_mut("DNS").unwrap()).unwrap();
+    let mut events = Vec::new();
+    while let Some(item) = ring.next() {
+        events.push(resil_user::resolvers::decode_event(&item).expect("a whole record"));
+    }
+    events
+}
+
+#[test]
+fn dns_queries_and_answers_are_reported_once_each_with_the_answer_bytes() {
+    let mut ebpf = load();
+    for (client, resolver) in [(CLIENT4, SERVER4), (CLIENT6, SERVER6)] {
+        let query = [
+            0xbe, 0xef, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 3, b'a', b'p', b'i', 0, 0, 1, 0, 1,
+        ];
+        egress(&ebpf, &udp_frame(client, resolver, 40053, 53, &query));
+        let mut answer = query.to_vec();
+        answer[2] = 0x81;
+        answer[3] = 0x83; // NXDOMAIN
+        ingress(&ebpf, &udp_frame(resolver, client, 53, 40053, &answer));
+        // A large answer is cut to the capture size.
+        let big = vec![0x11u8; 1400];
+        ingress(&ebpf, &udp_frame(resolver, client, 53, 40053, &big));
+        // Other UDP passes unseen.
+        egress(&ebpf, &udp_frame(client, resolver, 40000, 5353, &query));
+        ingress(&ebpf, &udp_frame(resolver, client, 123, 40000, &query));
+        let events = dns_events(&mut ebpf);
+        assert_eq!(events.len(), 3, "{events:?}");
+        let kinds: Vec<_> = events.iter().map(|e| DnsKind::from_u8(e.kind)).collect();
+        assert_eq!(
+            kinds,
+            [
+                Some(DnsKind::Query),
+                Some(DnsKind::Answer),
+                Some(DnsKind::Answer)
+            ]
+        );
+        for e in &events {
+            assert_eq!(e.conn.remote_addr, resolver.bytes());
+            assert_eq!((e.conn.local_port, e.conn.remote_port), (40053, 53));
+        }
+        assert_eq!(&events[0].message[..2], &[0xbe, 0xef]);
+        assert_eq!(events[1].len as usize, answer.len());
+        assert_eq!(&events[1].message[..answer.len()], answer.as_slice());
+        assert_eq!(events[2].len as usize, resil_common::maps::DNS_CAPTURE);
+    }
+    assert!(
+        endpoints(&ebpf).is_empty(),
+        "UDP is not counted as TCP endpoints"
+    );
+}
+
+#[test]
+fn a_syn_to_a_shed_service_is_answered_with_a_rst_from_xdp() {
+    let mut ebpf = load();
+    for (client, server) in [(CLIENT4, SERVER4), (CLIENT6, SERVER6)] {
+        let service = EndpointKey {
+            addr: server.bytes(),
+            port: 8080,
+            family: if matches!(server, Addr::V4(_)) { 2 } else { 10 },
+            direction: 1,
+        };
+        {
+            let mut verdicts: HashMap<&mut MapData, EndpointKey, Verdict> =
+                HashMap::try_from(ebpf.map_mut("VERDICTS").unwrap()).unwrap();
+            let verdict = Verdict {
+                expires_ns: u64::MAX,
+                action: VerdictAction::Refuse as u32,
+                ..Verdict::default()
+            };
+            verdicts.insert(service, verdict, 0).unwrap();
+        }
+        let syn = tcp_frame(client, server, 40000, 8080, 77, 0, SYN, 0);
+        let (action, out) = xdp(&ebpf, &syn);
+        assert_eq!(action, XDP_TX);
+        let Parsed::Tcp(rst) = parse_ethernet(out.as_slice()) else {
+            panic!("not TCP: {out:02x?}")
+        };
+        assert_eq!((rst.src, rst.dst), (server.bytes(), client.bytes()));
+        assert_eq!((rst.src_port, rst.dst_port, rst.ack), (8080, 40000, 78));
+        assert_eq!(rst.flags, RST | ACK);
+        // Another port of the same host is not shed; nor is anything but a SYN.
+        ingress(
+            &ebpf,
+            &tcp_frame(client, server, 40000, 8081, 77, 0, SYN, 0),
+        );
+        ingress(
+            &ebpf,
+            &tcp_frame(client, server, 40001, 8080, 77, 1, ACK, 0),
+        );
+        let stats = endpoints(&ebpf)
+            .into_iter()
+            .find(|(k, _)| *k == service)
+            .map(|(_, s)| s)
+            .expect("the shed service is counted");
+        assert_eq!(stats.fast_failed, 1);
+        // An expired verdict sheds nothing: a dead daemon never blocks a service.
+        let mut verdicts: HashMap<&mut MapData, EndpointKey, Verdict> =
+            HashMap::try_from(ebpf.map_mut("VERDICTS").unwrap()).unwrap();
+        verdicts
+            .insert(
+                service,
+                Verdict {
+                    expires_ns: 1,
+                    action: VerdictAction::Refuse as u32,
+                    ..Verdict::default()
+                },
+                0,
+            )
+            .unwrap();
+        ingress(
+            &ebpf,
+            &tcp_frame(client, server, 40002, 8080, 99, 0, SYN, 0),
+        );
+    }
+}
+
 #[test]
 fn non_tcp_traffic_passes_untouched() {
     let mut ebpf = load();
-    let mut udp = tcp_frame(CLIENT4, SERVER4, 53, 53, 0, 0, 0, 8);
-    udp[14 + 9] = 17;
+    let udp = udp_frame(CLIENT4, SERVER4, 5000, 5001, &[0u8; 8]);
     let mut arp = tcp_frame(CLIENT4, SERVER4, 0, 0, 0, 0, 0, 0);
     arp[12..14].copy_from_slice(&[0x08, 0x06]);
     for frame in [udp, arp, vec![0u8; 14], vec![0xffu8; 1500]] {

@@ -100,6 +100,17 @@ pub fn tcp_frame(
     ethernet(ethertype(src), &packet)
 }
 
+/// An Ethernet frame carrying a UDP datagram with `payload`.
+pub fn udp_frame(src: Addr, dst: Addr, src_port: u16, dst_port: u16, payload: &[u8]) -> Vec<u8> {
+    let mut udp = Vec::with_capacity(8 + payload.len());
+    udp.extend_from_slice(&src_port.to_be_bytes());
+    udp.extend_from_slice(&dst_port.to_be_bytes());
+    udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    ethernet(ethertype(src), &ip(src, dst, 17, &udp))
+}
+
 /// An Ethernet frame with an ICMP (IPv4) or ICMPv6 destination-unreachable message quoting
 /// `quoted` (an IP packet as built by [`tcp_packet`]).
 pub fn icmp_unreachable_frame(src: Addr, dst: Addr, quoted: &[u8]) -> Vec<u8> {

@@ -40,6 +40,7 @@ fn seg(way: Way, flags: u8, seq: u32, ack: u32, payload_len: u32) -> TcpSegment 
         payload_len,
         ip_offset: 14,
         tcp_offset: 34,
+        _pad: [0; 2],
     }
 }
 
@@ -378,6 +379,7 @@ fn quoted(seq: u32) -> QuotedFlow {
         src_port: syn.src_port,
         dst_port: syn.dst_port,
         seq,
+        _pad: [0; 3],
     }
 }
 
@@ -437,4 +439,28 @@ fn writes_touch_only_changed_fields() {
     // SAFETY: a live value.
     unsafe { write_changes(&mut live, &old, &new) };
     assert_eq!((live.snd_next, live.rcv_next), (5, 99));
+}
+
+#[test]
+fn data_segments_and_closes_are_counted() {
+    let mut sim = Sim::at(1);
+    sim.connect();
+    sim.egress(ACK, LOCAL_ISN + 1, PEER_ISN + 1, 100);
+    sim.ingress(ACK, PEER_ISN + 1, LOCAL_ISN + 101, 50);
+    sim.egress(ACK, LOCAL_ISN + 1, PEER_ISN + 51, 100); // retransmitted
+    sim.egress(ACK, LOCAL_ISN + 101, PEER_ISN + 51, 0); // a bare ACK is no segment
+    let s = sim.outbound();
+    assert_eq!((s.segments, s.retransmits, s.closed), (3, 1, 0));
+    sim.egress(FIN | ACK, LOCAL_ISN + 101, PEER_ISN + 51, 0);
+    sim.ingress(FIN | ACK, PEER_ISN + 51, LOCAL_ISN + 102, 0);
+    assert_eq!(sim.outbound().closed, 1);
+    assert!(sim.conns.is_empty());
+    // A reset on an established connection closes it too; one during a handshake does not.
+    sim.connect();
+    sim.ingress(RST, PEER_ISN + 1, 0, 0);
+    assert_eq!(sim.outbound().closed, 2);
+    sim.egress(SYN, LOCAL_ISN + 7, 0, 0);
+    sim.ingress(RST | ACK, 0, LOCAL_ISN + 8, 0);
+    assert_eq!(sim.outbound().closed, 2);
+    assert_eq!(sim.outbound().refused, 1);
 }

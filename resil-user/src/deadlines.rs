@@ -1,28 +1,32 @@
-//! Connections waiting for something, each with a deadline: outbound handshakes waiting for
-//! an answer (past the deadline they are timeouts), and recent successes that a reset before
-//! any reply may still turn into failures.
+//! Things waiting, each with a deadline: outbound handshakes waiting for an answer (past the
+//! deadline they are timeouts), recent successes that a reset before any reply may still turn
+//! into failures, DNS queries waiting for their answer.
 //!
 //! Pure and clock-injected: every call takes times in CLOCK_MONOTONIC nanoseconds.
 
 use std::{
     cmp::Reverse,
     collections::{BinaryHeap, HashMap},
+    hash::Hash,
 };
 
 use resil_common::maps::ConnKey;
 
-/// Connections with a deadline and a payload, bounded in number.
+/// Keys with a deadline and a payload, bounded in number.
 #[derive(Debug)]
-pub struct ConnDeadlines<T> {
+pub struct Deadlines<K, T> {
     capacity: usize,
-    entries: HashMap<ConnKey, (u64, T)>,
+    entries: HashMap<K, (u64, T)>,
     /// (deadline, key); entries settled or restarted since are skipped lazily.
-    queue: BinaryHeap<Reverse<(u64, ConnKey)>>,
+    queue: BinaryHeap<Reverse<(u64, K)>>,
     /// Entries refused because the table was full.
     pub overflowed: u64,
 }
 
-impl<T> ConnDeadlines<T> {
+/// Connections with a deadline.
+pub type ConnDeadlines<T> = Deadlines<ConnKey, T>;
+
+impl<K: Copy + Ord + Hash, T> Deadlines<K, T> {
     /// An empty table holding at most `capacity` connections.
     pub fn new(capacity: usize) -> Self {
         Self {
@@ -45,7 +49,7 @@ impl<T> ConnDeadlines<T> {
 
     /// Starts waiting for `key` until `deadline_ns` (replacing an earlier wait for it).
     /// Returns false, and counts an overflow, when the table is full.
-    pub fn insert(&mut self, key: ConnKey, deadline_ns: u64, payload: T) -> bool {
+    pub fn insert(&mut self, key: K, deadline_ns: u64, payload: T) -> bool {
         if self.entries.len() >= self.capacity && !self.entries.contains_key(&key) {
             self.overflowed += 1;
             return false;
@@ -62,12 +66,12 @@ impl<T> ConnDeadlines<T> {
     }
 
     /// Stops waiting for `key`; its payload if it was waiting.
-    pub fn remove(&mut self, key: &ConnKey) -> Option<T> {
+    pub fn remove(&mut self, key: &K) -> Option<T> {
         self.entries.remove(key).map(|(_, payload)| payload)
     }
 
     /// Removes and returns every connection whose deadline is at or before `now_ns`.
-    pub fn expire(&mut self, now_ns: u64) -> Vec<(ConnKey, T)> {
+    pub fn expire(&mut self, now_ns: u64) -> Vec<(K, T)> {
         let mut expired = Vec::new();
         while let Some(&Reverse((deadline, key))) = self.queue.peek() {
             if deadline > now_ns {
