@@ -35,8 +35,14 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum Request {
     /// Every endpoint's figures.
     Status,
-    /// Recent breaker transitions, oldest first.
-    Events,
+    /// Breaker transitions and findings, oldest first: those numbered after `after`, or all
+    /// that are kept.
+    Events {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<u64>,
+    },
+    /// The findings in force.
+    Report,
     /// An operator's command for an endpoint (`10.0.3.7:5432`) or a named dependency.
     Manual {
         action: crate::circuits::ManualAction,
@@ -54,14 +60,36 @@ pub enum Response {
     Events(EventsReport),
     /// Answer to [`Request::Manual`].
     Manual(ManualReport),
+    /// Answer to [`Request::Report`].
+    Report(FindingsReport),
     /// The request could not be served.
     Error(String),
 }
 
-/// `resil status -o json`: one object with every endpoint.
+/// `resil status -o json`: one object with every endpoint (and every resolver).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusReport {
     pub endpoints: Vec<EndpointStatus>,
+    /// DNS resolvers this node queries.
+    #[serde(default)]
+    pub resolvers: Vec<ResolverStatus>,
+}
+
+/// One DNS resolver in [`StatusReport`]: counts since the daemon first saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResolverStatus {
+    /// `10.0.0.53:53`.
+    pub resolver: String,
+    #[serde(flatten)]
+    pub counts: crate::resolvers::DnsCounts,
+    /// Answer latency percentiles, null before the first answer.
+    pub latency_us: Option<Latency>,
+}
+
+/// `resil report -o json`: the findings in force, by domain, worst first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FindingsReport {
+    pub findings: Vec<crate::findings::Finding>,
 }
 
 /// Whose endpoint it is.
@@ -103,6 +131,9 @@ pub struct EndpointStatus {
     pub reason: Option<String>,
     /// The named dependency whose policy applies (null: the defaults).
     pub dependency: Option<String>,
+    /// The endpoint's name: the dependency's, else from a recent DNS answer or /etc/hosts.
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 /// What a manual command did: each endpoint and its state afterwards.
@@ -122,8 +153,6 @@ pub struct ManualResult {
 /// A breaker transition, as `resil events` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TransitionEvent {
-    /// Seconds since the Unix epoch.
-    pub time: f64,
     pub endpoint: String,
     pub dependency: Option<String>,
     pub from: String,
@@ -134,10 +163,12 @@ pub struct TransitionEvent {
     pub details: crate::breaker::Reason,
 }
 
-/// `resil events -o json`.
+/// Answer to [`Request::Events`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventsReport {
-    pub events: Vec<TransitionEvent>,
+    pub events: Vec<crate::events::Sequenced>,
+    /// Events after the one asked for that are no longer kept (the reader fell behind).
+    pub lost: u64,
 }
 
 /// Latency percentiles in microseconds.
@@ -291,6 +322,10 @@ mod tests {
             serde_json::to_string(&Request::Status).unwrap(),
             r#"{"command":"status"}"#
         );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"command":"events"}"#).unwrap(),
+            Request::Events { after: None }
+        );
         let r = Response::Error("x".into());
         assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"error":"x"}"#);
     }
@@ -319,7 +354,10 @@ mod tests {
                 tokio::task::spawn_local(async move { server.serve(tx).await });
                 tokio::task::spawn_local(async move {
                     while let Some((_, reply)) = rx.recv().await {
-                        let _ = reply.send(Response::Status(StatusReport { endpoints: vec![] }));
+                        let _ = reply.send(Response::Status(StatusReport {
+                            endpoints: vec![],
+                            resolvers: vec![],
+                        }));
                     }
                 });
                 let p = path.clone();
@@ -329,7 +367,10 @@ mod tests {
                     .unwrap();
                 assert_eq!(
                     response,
-                    Response::Status(StatusReport { endpoints: vec![] })
+                    Response::Status(StatusReport {
+                        endpoints: vec![],
+                        resolvers: vec![]
+                    })
                 );
             })
             .await;

@@ -1,10 +1,10 @@
-//! One circuit breaker per outbound endpoint, with the policy that applies to it, and the
-//! history of their transitions. Knows nothing of BPF: the agent feeds it outcomes.
+//! One circuit breaker per outbound endpoint, with the policy that applies to it; their
+//! transitions go to the agent's event log. Knows nothing of BPF: the agent feeds it outcomes.
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashMap, HashSet},
     hash::{DefaultHasher, Hash, Hasher},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use resil_common::maps::{EndpointKey, MAX_PROBES};
@@ -18,8 +18,6 @@ use crate::{
     policy::Policies,
 };
 
-/// Transitions kept for `resil events`.
-const HISTORY: usize = 1024;
 /// Circuits kept, at most; past that, idle closed ones are forgotten.
 const MAX_CIRCUITS: usize = 65_536;
 
@@ -44,7 +42,8 @@ pub struct Circuits {
     restricted: HashSet<EndpointKey, foldhash::fast::RandomState>,
     /// A transition happened since the last [`Circuits::desired`].
     dirty: bool,
-    history: VecDeque<TransitionEvent>,
+    /// Transitions not yet taken by the agent.
+    transitions: Vec<TransitionEvent>,
 }
 
 /// An operator's command for a circuit.
@@ -63,12 +62,6 @@ fn seed(key: &EndpointKey) -> u64 {
     let mut h = DefaultHasher::new();
     key.hash(&mut h);
     h.finish()
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 impl Circuits {
@@ -250,9 +243,18 @@ impl Circuits {
             .collect()
     }
 
-    /// Transitions so far, oldest first.
-    pub fn history(&self) -> Vec<TransitionEvent> {
-        self.history.iter().cloned().collect()
+    /// Endpoints whose breaker holds them failed (OPEN or HALF_OPEN, not a manual state).
+    pub fn failing(&self) -> impl Iterator<Item = &EndpointKey> {
+        self.restricted.iter().filter(|key| {
+            self.circuits
+                .get(key)
+                .is_some_and(|c| matches!(c.breaker.state(), State::Open | State::HalfOpen))
+        })
+    }
+
+    /// Transitions since the last call, oldest first.
+    pub fn take_transitions(&mut self) -> Vec<TransitionEvent> {
+        std::mem::take(&mut self.transitions)
     }
 
     fn note(&mut self, key: EndpointKey, t: Transition) {
@@ -272,11 +274,7 @@ impl Circuits {
         let endpoint = socket_addr(&key).to_string();
         let shown = crate::output::display_name(&endpoint, dependency.as_deref());
         log::info!("{shown}: {} → {}: {}", t.from, t.to, t.reason);
-        if self.history.len() == HISTORY {
-            self.history.pop_front();
-        }
-        self.history.push_back(TransitionEvent {
-            time: unix_now(),
+        self.transitions.push(TransitionEvent {
             endpoint,
             dependency,
             from: t.from.name().to_string(),
@@ -327,17 +325,16 @@ mod tests {
             c.record(key(80), 0, ticket, Outcome::Failure(FailureKind::Refused));
         }
         assert_eq!(c.get(&key(80)).unwrap().breaker.state(), State::Open);
-        let events = c.history();
+        let events = c.take_transitions();
         assert_eq!(events.len(), 1);
         let e = &events[0];
         assert_eq!((e.from.as_str(), e.to.as_str()), ("closed", "open"));
         assert_eq!(e.endpoint, "10.0.0.2:80");
         assert_eq!(e.dependency.as_deref(), Some("web"));
         assert_eq!(e.reason, "2 consecutive failures");
-        assert!(e.time > 1.7e9);
         // Time opens the way to half-open: another event.
         c.tick(3_600_000_000_000);
-        assert_eq!(c.history().last().unwrap().to, "half_open");
+        assert_eq!(c.take_transitions().last().unwrap().to, "half_open");
     }
 
     #[test]

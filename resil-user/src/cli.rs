@@ -1,6 +1,6 @@
 //! The command line: `resil daemon` and the client subcommands.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{io::Write as _, net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
@@ -9,6 +9,7 @@ use log::LevelFilter;
 use crate::{
     api::{self, Request, Response, DEFAULT_SOCKET},
     circuits::ManualAction,
+    clock,
     config::Config,
     daemon::{self, DaemonOptions},
     error::usage,
@@ -32,8 +33,10 @@ pub enum Command {
     Daemon(DaemonArgs),
     /// Show per-endpoint connection health and breaker states.
     Status(ClientArgs),
-    /// Show recent breaker transitions, oldest first.
-    Events(ClientArgs),
+    /// Show breaker transitions and findings as they happened, oldest first.
+    Events(EventsArgs),
+    /// Report what is unhealthy now, grouped by failure domain, worst first.
+    Report(ClientArgs),
     /// Force a circuit open (FORCED_OPEN): refuse new connections until `resil reset`.
     Trip(ManualArgs),
     /// Close a circuit with fresh figures (also ends FORCED_OPEN and DISABLED).
@@ -75,6 +78,16 @@ pub struct ClientArgs {
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
     pub output: Format,
+}
+
+/// `resil events` arguments.
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Keep printing new events as they happen, until interrupted.
+    #[arg(short, long)]
+    pub follow: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 /// `resil trip|reset|disable` arguments.
@@ -136,8 +149,11 @@ pub fn run() -> Result<()> {
             Response::Status(report) => print(output::status(&report, args.output)),
             other => unexpected(other),
         },
-        Command::Events(args) => match call(&args, Request::Events)? {
-            Response::Events(report) => print(output::events(&report, args.output)),
+        Command::Events(args) => events(&args),
+        Command::Report(args) => match call(&args, Request::Report)? {
+            Response::Report(report) => {
+                print(output::report(&report, args.output, clock::unix_now()))
+            }
             other => unexpected(other),
         },
         Command::Config(ConfigCommand::Check { file }) => {
@@ -167,6 +183,42 @@ pub fn run() -> Result<()> {
             let config = Config::load(config.as_deref())?;
             print(output::explain(&config, endpoint, format))
         }
+    }
+}
+
+/// How often `resil events --follow` asks for new events.
+const FOLLOW_EVERY: Duration = Duration::from_millis(250);
+
+fn events(args: &EventsArgs) -> Result<()> {
+    let mut after = None;
+    let mut out = std::io::stdout().lock();
+    loop {
+        let report = match call(&args.client, Request::Events { after })? {
+            Response::Events(report) => report,
+            other => return unexpected(other),
+        };
+        if report.lost > 0 {
+            eprintln!(
+                "resil: {} events were missed: the daemon keeps the last {}",
+                report.lost,
+                crate::events::CAPACITY
+            );
+        }
+        for event in &report.events {
+            let line = output::event_line(event, args.client.output);
+            // A closed pipe (`| head`) ends the stream quietly.
+            if writeln!(out, "{line}").is_err() {
+                return Ok(());
+            }
+            after = Some(event.seq);
+        }
+        if out.flush().is_err() || !args.follow {
+            return Ok(());
+        }
+        if report.events.is_empty() && after.is_none() {
+            after = Some(0);
+        }
+        std::thread::sleep(FOLLOW_EVERY);
     }
 }
 

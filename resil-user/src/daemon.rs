@@ -2,6 +2,7 @@
 //! time out unanswered handshakes and answer the local API, until SIGINT or SIGTERM.
 
 use std::{
+    collections::HashSet,
     net::SocketAddr,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
@@ -24,22 +25,25 @@ use tokio::{
 
 use crate::{
     api::{
-        EndpointStatus, EventsReport, ManualReport, ManualResult, Request, Response, Server,
-        StatusReport,
+        EndpointStatus, EventsReport, FindingsReport, ManualReport, ManualResult, Request,
+        ResolverStatus, Response, Server, StatusReport,
     },
-    breaker::{FailureKind, Outcome, Recorded, Ticket},
+    breaker::{FailureKind, Outcome, Recorded, State, Ticket},
     circuits::{Circuits, ManualAction},
-    clock::monotonic_ns,
+    clock::{monotonic_ns, unix_now},
     collector::{self, Collector},
     config::Config,
     deadlines::ConnDeadlines,
-    endpoints::{socket_addr, EndpointTable},
+    endpoints::{latency_of, side_of, socket_addr, EndpointTable},
     enforcer::Enforcer,
     error::usage,
+    events::{Event, EventLog},
+    findings::{self, BreakerView, Change, Finding, Findings, Observed, ObservedResolver},
     names::Names,
     netinfo,
+    output::display_name,
     probes::{Probes, XdpMode},
-    resolvers::{self, Resolvers},
+    resolvers::{self, DnsCounts, Resolvers},
 };
 
 /// Handshakes the daemon follows at once, at most.
@@ -53,6 +57,8 @@ const DNS_TIMEOUT_NS: u64 = 2_000_000_000;
 const HOSTS_FILE: &str = "/etc/hosts";
 /// Span of the "recent" figures findings are judged on (they cover one to two spans).
 const RECENT_SPAN_NS: u64 = 10_000_000_000;
+/// How often findings are assessed.
+const ASSESS_EVERY_NS: u64 = 1_000_000_000;
 
 /// What `resil daemon` was asked to do.
 #[derive(Debug, Clone)]
@@ -157,6 +163,12 @@ struct Agent {
     resolvers: Resolvers,
     /// Names of addresses.
     names: Names,
+    /// What is unhealthy, by domain.
+    findings: Findings,
+    /// Transitions and findings, for `resil events`.
+    events: EventLog,
+    /// When the findings were last assessed.
+    assessed_ns: u64,
 }
 
 impl Agent {
@@ -171,6 +183,92 @@ impl Agent {
             reported_overflow: 0,
             resolvers: Resolvers::new(DNS_TIMEOUT_NS),
             names: Names::new(Path::new(HOSTS_FILE)),
+            findings: Findings::default(),
+            events: EventLog::default(),
+            assessed_ns: 0,
+        }
+    }
+
+    /// Moves the breakers' latest transitions into the event log.
+    fn note_transitions(&mut self) {
+        for transition in self.circuits.take_transitions() {
+            self.events.push(unix_now(), Event::Transition(transition));
+        }
+    }
+
+    /// The name of an endpoint: its dependency's, else what DNS or /etc/hosts call it.
+    fn name_of(&self, key: &EndpointKey, now_ns: u64) -> Option<String> {
+        self.circuits
+            .get(key)
+            .and_then(|c| c.dependency.clone())
+            .or_else(|| {
+                let ip = socket_addr(key).ip();
+                self.names.lookup(&ip, now_ns).map(str::to_string)
+            })
+    }
+
+    /// Judges what happened lately: findings start and end, and say so in the log and the
+    /// event stream.
+    fn assess(&mut self, now: u64) {
+        self.assessed_ns = now;
+        self.endpoints.roll(now, RECENT_SPAN_NS);
+        self.names.refresh_hosts();
+        let observed: Vec<Observed> = self
+            .endpoints
+            .lately(now)
+            .into_iter()
+            .map(|l| {
+                let addr = socket_addr(&l.key);
+                let breaker = self.circuits.get(&l.key).and_then(|c| {
+                    let state = c.breaker.state();
+                    (state != State::Closed).then(|| BreakerView {
+                        state: c.breaker.reported_state().to_string(),
+                        reason: c.breaker.reason().map(ToString::to_string),
+                        failing: matches!(state, State::Open | State::HalfOpen),
+                    })
+                });
+                Observed {
+                    addr,
+                    side: side_of(&l.key),
+                    display: display_name(&addr.to_string(), self.name_of(&l.key, now).as_deref()),
+                    recent: l.recent,
+                    timeouts: l.timeouts,
+                    window_s: l.window_s,
+                    breaker,
+                    latency: l.latency,
+                    shedding: false,
+                }
+            })
+            .collect();
+        let resolvers: Vec<ObservedResolver> = self
+            .resolvers
+            .iter()
+            .map(|(addr, r)| ObservedResolver {
+                addr: *addr,
+                recent: r.counts.since(r.recent.base()),
+                window_s: r.recent.covers_s(now),
+            })
+            .filter(|r| r.recent != DnsCounts::default())
+            .collect();
+        let detected = findings::classify(&observed, &resolvers);
+        let failing: HashSet<String> = self
+            .circuits
+            .failing()
+            .map(|key| socket_addr(key).to_string())
+            .collect();
+        let held = |f: &Finding| f.endpoints.iter().any(|e| failing.contains(e));
+        for change in self.findings.update(detected, held, unix_now()) {
+            let event = match change {
+                Change::Started(f) => {
+                    warn!("{}: {}", f.domain.title(), f.summary);
+                    Event::FindingStarted(f)
+                }
+                Change::Ended(f) => {
+                    info!("{}: cleared: {}", f.domain.title(), f.subject);
+                    Event::FindingEnded(f)
+                }
+            };
+            self.events.push(unix_now(), event);
         }
     }
 
@@ -244,6 +342,10 @@ impl Agent {
         self.successes.expire(now);
         self.resolvers.tick(now, RECENT_SPAN_NS);
         self.circuits.tick(now);
+        self.note_transitions();
+        if now.saturating_sub(self.assessed_ns) >= ASSESS_EVERY_NS {
+            self.assess(now);
+        }
         self.enforce(now);
         self.endpoints.end_tick();
         let overflowed = self.handshakes.overflowed;
@@ -283,6 +385,7 @@ impl Agent {
     fn enforce_changes(&mut self) {
         if self.circuits.dirty() {
             self.enforce(monotonic_ns());
+            self.note_transitions();
         }
     }
 
@@ -335,6 +438,7 @@ impl Agent {
             });
         }
         self.enforce(now);
+        self.note_transitions();
         Response::Manual(ManualReport { endpoints })
     }
 
@@ -361,9 +465,14 @@ impl Agent {
             Request::Manual { action, target } => self.manual(action, &target),
             Request::Status => Response::Status(StatusReport {
                 endpoints: self.status(),
+                resolvers: self.resolver_status(),
             }),
-            Request::Events => Response::Events(EventsReport {
-                events: self.circuits.history(),
+            Request::Events { after } => {
+                let (events, lost) = self.events.after(after);
+                Response::Events(EventsReport { events, lost })
+            }
+            Request::Report => Response::Report(FindingsReport {
+                findings: self.findings.current(),
             }),
         }
     }
@@ -380,9 +489,24 @@ impl Agent {
                     status.reason = circuit.breaker.reason().map(ToString::to_string);
                     status.dependency = circuit.dependency.clone();
                 }
+                status.name = self.name_of(&key, now);
                 status
             })
             .collect()
+    }
+
+    fn resolver_status(&self) -> Vec<ResolverStatus> {
+        let mut all: Vec<ResolverStatus> = self
+            .resolvers
+            .iter()
+            .map(|(addr, r)| ResolverStatus {
+                resolver: addr.to_string(),
+                counts: r.counts,
+                latency_us: latency_of(&r.latency),
+            })
+            .collect();
+        all.sort_by(|a, b| a.resolver.cmp(&b.resolver));
+        all
     }
 }
 

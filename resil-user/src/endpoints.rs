@@ -7,6 +7,9 @@
 //! Handshake latency percentiles come from the handshake events (which carry the exact
 //! latency), kept here in a log-scale histogram. The table itself is bounded: past its capacity the
 //! endpoints idle the longest are forgotten.
+//!
+//! Each endpoint also keeps snapshots of its figures ([`Recent`]), so findings can be judged
+//! on what happened lately rather than since the start.
 
 use std::{
     collections::HashMap,
@@ -18,10 +21,37 @@ use resil_common::{
     maps::{Direction, EndpointKey, EndpointStats, FAMILY_IPV4},
 };
 
-use crate::api::{EndpointStatus, Latency, Side};
+use crate::{
+    api::{EndpointStatus, Latency, Side},
+    findings::LatencyShift,
+    recent::Recent,
+};
+
+/// An endpoint's cumulative figures at one moment.
+#[derive(Debug, Clone, Default)]
+struct Snapshot {
+    stats: EndpointStats,
+    timeouts: u64,
+    /// `None` while no handshake completed (most inbound services never have one here).
+    latency: Option<Box<Histogram>>,
+}
+
+/// What an endpoint did lately, for the findings.
+#[derive(Debug, Clone)]
+pub struct Lately {
+    pub key: EndpointKey,
+    /// Counters gained over the window.
+    pub recent: EndpointStats,
+    /// Handshakes timed out over the window.
+    pub timeouts: u64,
+    /// Seconds the window covers.
+    pub window_s: f64,
+    /// Handshake latency over the window against before it.
+    pub latency: Option<LatencyShift>,
+}
 
 /// Figures of one endpoint.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct Endpoint {
     /// Sum of everything the kernel counted, across evictions.
     total: EndpointStats,
@@ -33,6 +63,29 @@ struct Endpoint {
     latency: Histogram,
     /// The table's tick when anything about this endpoint last changed.
     last_change: u64,
+    /// Snapshots for "lately".
+    recent: Recent<Snapshot>,
+}
+
+impl Endpoint {
+    fn new(now_ns: u64) -> Self {
+        Endpoint {
+            total: EndpointStats::ZERO,
+            last: EndpointStats::ZERO,
+            timeouts: 0,
+            latency: Histogram::default(),
+            last_change: 0,
+            recent: Recent::new(Snapshot::default(), now_ns),
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            stats: self.total,
+            timeouts: self.timeouts,
+            latency: (self.latency.total() > 0).then(|| Box::new(self.latency)),
+        }
+    }
 }
 
 /// Endpoints the daemon keeps figures for, at most, by default.
@@ -44,6 +97,8 @@ pub struct EndpointTable {
     endpoints: HashMap<EndpointKey, Endpoint>,
     capacity: usize,
     tick: u64,
+    /// CLOCK_MONOTONIC of the last [`EndpointTable::roll`]: when new endpoints start.
+    clock_ns: u64,
 }
 
 impl Default for EndpointTable {
@@ -59,7 +114,66 @@ impl EndpointTable {
             endpoints: HashMap::new(),
             capacity: capacity.max(1),
             tick: 0,
+            clock_ns: 0,
         }
+    }
+
+    fn entry(&mut self, key: EndpointKey) -> &mut Endpoint {
+        let now = self.clock_ns;
+        self.endpoints
+            .entry(key)
+            .or_insert_with(|| Endpoint::new(now))
+    }
+
+    /// Takes new snapshots where the last is at least `span_ns` old.
+    pub fn roll(&mut self, now_ns: u64, span_ns: u64) {
+        self.clock_ns = now_ns;
+        for e in self.endpoints.values_mut() {
+            let snapshot = e.snapshot();
+            e.recent.roll(&snapshot, now_ns, span_ns);
+        }
+    }
+
+    /// What every endpoint with any activity lately did.
+    pub fn lately(&self, now_ns: u64) -> Vec<Lately> {
+        let mut out = Vec::new();
+        for (key, e) in &self.endpoints {
+            let base = e.recent.base();
+            let recent = e.total.since(&base.stats);
+            let timeouts = e.timeouts.saturating_sub(base.timeouts);
+            if recent == EndpointStats::ZERO && timeouts == 0 {
+                continue;
+            }
+            let latency = (e.latency.total() > 0).then(|| {
+                let before = base.latency.as_deref().copied().unwrap_or_default();
+                let lately = e.latency.since(&before);
+                LatencyShift {
+                    recent_p99_us: lately.quantile_us(0.99).unwrap_or(0.0),
+                    recent_samples: lately.total(),
+                    baseline_p50_us: before.quantile_us(0.5).unwrap_or(0.0),
+                    baseline_samples: before.total(),
+                }
+            });
+            out.push(Lately {
+                key: *key,
+                recent: EndpointStats {
+                    created_ns: 0,
+                    ..recent
+                },
+                timeouts,
+                window_s: e.recent.covers_s(now_ns),
+                latency,
+            });
+        }
+        out
+    }
+
+    /// Connections to a local service open now, as far as the kernel saw them complete and
+    /// end (one evicted from its connection table before it ended stays counted).
+    pub fn open_connections(&self, key: &EndpointKey) -> u64 {
+        self.endpoints
+            .get(key)
+            .map_or(0, |e| e.total.established.saturating_sub(e.total.closed))
     }
 
     /// Ends a tick: past capacity, forgets the endpoints idle the longest (a tenth of the
@@ -95,7 +209,7 @@ impl EndpointTable {
     /// Takes in the kernel's current (per-CPU summed) counters for one endpoint.
     pub fn absorb(&mut self, key: EndpointKey, now: &EndpointStats) {
         let tick = self.tick;
-        let e = self.endpoints.entry(key).or_default();
+        let e = self.entry(key);
         if e.last != *now {
             e.last_change = tick;
         }
@@ -116,16 +230,18 @@ impl EndpointTable {
     /// A handshake to the endpoint got no answer within its connect timeout (the kernel
     /// cannot see that).
     pub fn record_timeout(&mut self, key: EndpointKey) {
-        let e = self.endpoints.entry(key).or_default();
+        let tick = self.tick;
+        let e = self.entry(key);
         e.timeouts += 1;
-        e.last_change = self.tick;
+        e.last_change = tick;
     }
 
     /// A handshake to the endpoint completed in `latency_ns`.
     pub fn record_latency(&mut self, key: EndpointKey, latency_ns: u64) {
-        let e = self.endpoints.entry(key).or_default();
+        let tick = self.tick;
+        let e = self.entry(key);
         e.latency.record_us(latency_ns / 1_000);
-        e.last_change = self.tick;
+        e.last_change = tick;
     }
 
     /// Status of every endpoint, sorted by direction then address, with its key. The breaker
@@ -154,22 +270,30 @@ pub fn socket_addr(key: &EndpointKey) -> SocketAddr {
     SocketAddr::new(ip, key.port)
 }
 
-fn status_of(key: &EndpointKey, e: &Endpoint) -> EndpointStatus {
-    let t = &e.total;
-    let connect_latency_us = e
-        .latency
+/// Whose endpoint it is.
+pub fn side_of(key: &EndpointKey) -> Side {
+    match Direction::from_u8(key.direction) {
+        Direction::Outbound => Side::Outbound,
+        Direction::Inbound => Side::Inbound,
+    }
+}
+
+/// The median and 99th percentile of a latency histogram, `None` while it is empty.
+pub fn latency_of(histogram: &Histogram) -> Option<Latency> {
+    histogram
         .quantile_us(0.5)
-        .zip(e.latency.quantile_us(0.99))
+        .zip(histogram.quantile_us(0.99))
         .map(|(p50, p99)| Latency {
             p50: round1(p50),
             p99: round1(p99),
-        });
+        })
+}
+
+fn status_of(key: &EndpointKey, e: &Endpoint) -> EndpointStatus {
+    let t = &e.total;
     EndpointStatus {
         endpoint: socket_addr(key).to_string(),
-        direction: match Direction::from_u8(key.direction) {
-            Direction::Outbound => Side::Outbound,
-            Direction::Inbound => Side::Inbound,
-        },
+        direction: side_of(key),
         state: "closed".to_string(),
         attempts: t.attempts,
         established: t.established,
@@ -183,9 +307,10 @@ fn status_of(key: &EndpointKey, e: &Endpoint) -> EndpointStatus {
         fast_failed: t.fast_failed,
         would_fast_fail: t.would_fast_fail,
         failure_rate: None,
-        connect_latency_us,
+        connect_latency_us: latency_of(&e.latency),
         reason: None,
         dependency: None,
+        name: None,
     }
 }
 
@@ -272,6 +397,49 @@ mod tests {
         let ports: Vec<u16> = table.endpoints.keys().map(|k| k.port).collect();
         assert!(ports.contains(&0) && ports.contains(&11), "{ports:?}");
         assert!(!ports.contains(&1) && !ports.contains(&2), "{ports:?}");
+    }
+
+    #[test]
+    fn lately_covers_one_to_two_spans() {
+        const S: u64 = 1_000_000_000;
+        let mut table = EndpointTable::default();
+        let k = key(FAMILY_IPV4);
+        let mut raw = EndpointStats {
+            attempts: 100,
+            established: 100,
+            created_ns: 1,
+            ..EndpointStats::ZERO
+        };
+        table.roll(0, 10 * S);
+        table.absorb(k, &raw);
+        for _ in 0..100 {
+            table.record_latency(k, 400_000);
+        }
+        table.roll(10 * S, 10 * S);
+        table.roll(20 * S, 10 * S);
+        assert!(table.lately(20 * S).is_empty(), "nothing happened lately");
+        raw.attempts += 10;
+        raw.refused = 10;
+        table.absorb(k, &raw);
+        table.record_timeout(k);
+        for _ in 0..10 {
+            table.record_latency(k, 300_000_000);
+        }
+        let lately = table.lately(25 * S);
+        assert_eq!(lately.len(), 1);
+        let l = &lately[0];
+        assert_eq!(
+            (l.recent.attempts, l.recent.refused, l.timeouts),
+            (10, 10, 1)
+        );
+        assert!((l.window_s - 15.0).abs() < 1e-9);
+        let shift = l.latency.unwrap();
+        assert_eq!((shift.recent_samples, shift.baseline_samples), (10, 100));
+        assert!(
+            shift.recent_p99_us > 100_000.0 && shift.baseline_p50_us < 1_000.0,
+            "{shift:?}"
+        );
+        assert_eq!(table.open_connections(&k), 100);
     }
 
     #[test]

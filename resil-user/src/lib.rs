@@ -17,6 +17,8 @@ pub mod deadlines;
 pub mod endpoints;
 pub mod enforcer;
 pub mod error;
+pub mod events;
+pub mod findings;
 pub mod names;
 pub mod netinfo;
 pub mod output;

@@ -6,8 +6,10 @@ use comfy_table::{presets::UTF8_BORDERS_ONLY, Cell, CellAlignment, Table};
 use std::net::SocketAddr;
 
 use crate::{
-    api::{EndpointStatus, EventsReport, ManualReport, Side, StatusReport},
+    api::{EndpointStatus, FindingsReport, ManualReport, ResolverStatus, Side, StatusReport},
     config::Config,
+    events::{Event, Sequenced},
+    findings::{Domain, Finding},
     policy::PolicyView,
 };
 
@@ -25,8 +27,44 @@ pub enum Format {
 pub fn status(report: &StatusReport, format: Format) -> String {
     match format {
         Format::Json => json(report),
-        Format::Table => status_table(&report.endpoints),
+        Format::Table if report.resolvers.is_empty() => status_table(&report.endpoints),
+        Format::Table => format!(
+            "{}\n\n{}",
+            status_table(&report.endpoints),
+            resolvers_table(&report.resolvers)
+        ),
     }
+}
+
+fn resolvers_table(resolvers: &[ResolverStatus]) -> String {
+    let mut table = Table::new();
+    table.load_preset(UTF8_BORDERS_ONLY);
+    table.set_header([
+        "RESOLVER", "QUERIES", "ANSWERS", "P50", "P99", "TIMEOUTS", "SERVFAIL", "NXDOMAIN",
+    ]);
+    for r in resolvers {
+        let c = &r.counts;
+        let (p50, p99) = match r.latency_us {
+            Some(l) => (micros(l.p50), micros(l.p99)),
+            None => ("-".to_string(), "-".to_string()),
+        };
+        let mut row = vec![Cell::new(&r.resolver)];
+        row.extend(
+            [
+                c.queries.to_string(),
+                c.answers.to_string(),
+                p50,
+                p99,
+                c.timeouts.to_string(),
+                c.servfail.to_string(),
+                c.nxdomain.to_string(),
+            ]
+            .into_iter()
+            .map(|n| Cell::new(n).set_alignment(CellAlignment::Right)),
+        );
+        table.add_row(row);
+    }
+    table.to_string()
 }
 
 fn status_table(endpoints: &[EndpointStatus]) -> String {
@@ -77,7 +115,7 @@ fn status_table(endpoints: &[EndpointStatus]) -> String {
                 e.fast_failed.to_string()
             },
         ];
-        let name = display_name(&e.endpoint, e.dependency.as_deref());
+        let name = display_name(&e.endpoint, e.name.as_deref().or(e.dependency.as_deref()));
         let mut row = vec![Cell::new(name), Cell::new(dir), Cell::new(&e.state)];
         row.extend(
             numbers
@@ -89,24 +127,93 @@ fn status_table(endpoints: &[EndpointStatus]) -> String {
     table.to_string()
 }
 
-/// `resil events` output.
-pub fn events(report: &EventsReport, format: Format) -> String {
-    match format {
-        Format::Json => json(report),
-        Format::Table if report.events.is_empty() => "No breaker transitions yet.".to_string(),
-        Format::Table => {
-            let mut table = Table::new();
-            table.load_preset(UTF8_BORDERS_ONLY);
-            table.set_header(["TIME", "ENDPOINT", "FROM", "TO", "REASON"]);
-            for e in &report.events {
-                let name = display_name(&e.endpoint, e.dependency.as_deref());
-                let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(e.time);
-                let time = humantime::format_rfc3339_seconds(time).to_string();
-                table.add_row([time, name, e.from.clone(), e.to.clone(), e.reason.clone()]);
-            }
-            table.to_string()
-        }
+/// One line of `resil events` per event: JSON lines with `-o json`, else
+/// `TIME  KIND  SUBJECT: WHAT`. Lines, not a table, so `--follow` can stream them.
+pub fn event_line(event: &Sequenced, format: Format) -> String {
+    if format == Format::Json {
+        return serde_json::to_string(event).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
     }
+    let time = clock_time(event.time);
+    match &event.event {
+        Event::Transition(t) => format!(
+            "{time}  breaker   {}: {} → {}: {}",
+            display_name(&t.endpoint, t.dependency.as_deref()),
+            t.from,
+            t.to,
+            t.reason
+        ),
+        Event::FindingStarted(f) => format!(
+            "{time}  finding   [{}] {}",
+            domain_word(f.domain),
+            f.summary
+        ),
+        Event::FindingEnded(f) => format!(
+            "{time}  cleared   [{}] {} (since {})",
+            domain_word(f.domain),
+            f.subject,
+            clock_time(f.since)
+        ),
+    }
+}
+
+/// The domain as events and JSON name it.
+fn domain_word(domain: Domain) -> &'static str {
+    match domain {
+        Domain::HostDown => "host_down",
+        Domain::Communication => "communication",
+        Domain::Dependency => "dependency",
+        Domain::Internal => "internal",
+    }
+}
+
+/// Unix seconds as an RFC 3339 UTC time to the second.
+fn clock_time(unix_s: f64) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(unix_s.max(0.0));
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
+/// `resil report` output: findings grouped by domain, worst first.
+pub fn report(report: &FindingsReport, format: Format, now_unix: f64) -> String {
+    if format == Format::Json {
+        return json(report);
+    }
+    if report.findings.is_empty() {
+        return "No findings: every endpoint, local service and resolver seen lately is healthy."
+            .to_string();
+    }
+    let mut out = String::new();
+    let mut domain = None;
+    for f in &report.findings {
+        if domain != Some(f.domain) {
+            domain = Some(f.domain);
+            let count = report
+                .findings
+                .iter()
+                .filter(|g| g.domain == f.domain)
+                .count();
+            if !out.is_empty() {
+                out.push('\n');
+            }
+            out += &format!("{} ({count})\n", f.domain.title());
+        }
+        out += &finding_lines(f, now_unix);
+    }
+    out.trim_end().to_string()
+}
+
+fn finding_lines(f: &Finding, now_unix: f64) -> String {
+    let ago = (now_unix - f.since).max(0.0);
+    let ago = humantime::format_duration(std::time::Duration::from_secs(ago as u64));
+    let mut lines = format!(
+        "  • {}\n    since {} ({ago} ago)",
+        f.summary,
+        clock_time(f.since)
+    );
+    if let Some(breaker) = &f.evidence.breaker {
+        lines += &format!("; breaker {breaker}");
+    }
+    lines.push('\n');
+    lines
 }
 
 /// `resil trip|reset|disable` output.
@@ -207,6 +314,7 @@ mod tests {
             }),
             reason: Some("5 consecutive failures".into()),
             dependency: Some("web".into()),
+            name: Some("web".into()),
         }
     }
 
@@ -215,6 +323,7 @@ mod tests {
         let text = status(
             &StatusReport {
                 endpoints: vec![endpoint()],
+                resolvers: vec![],
             },
             Format::Json,
         );
@@ -233,6 +342,7 @@ mod tests {
                 "established",
                 "failure_rate",
                 "fast_failed",
+                "name",
                 "reason",
                 "refused",
                 "resets_in",
@@ -253,6 +363,7 @@ mod tests {
         let text = status(
             &StatusReport {
                 endpoints: vec![endpoint()],
+                resolvers: vec![],
             },
             Format::Table,
         );
@@ -266,7 +377,80 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle} missing in\n{text}");
         }
-        let empty = status(&StatusReport { endpoints: vec![] }, Format::Table);
+        let empty = status(
+            &StatusReport {
+                endpoints: vec![],
+                resolvers: vec![],
+            },
+            Format::Table,
+        );
         assert!(empty.contains("No TCP connections"));
+    }
+
+    fn finding(domain: Domain, subject: &str, severity: f64) -> Finding {
+        Finding {
+            domain,
+            subject: subject.into(),
+            summary: format!("{subject} is unwell"),
+            since: 1_000.0,
+            severity,
+            endpoints: vec![],
+            evidence: crate::findings::Evidence::default(),
+        }
+    }
+
+    #[test]
+    fn reports_group_findings_by_domain() {
+        let found = FindingsReport {
+            findings: vec![
+                finding(Domain::HostDown, "host 10.0.3.7", 1.0),
+                finding(Domain::Dependency, "db (10.0.3.8:5432)", 1.0),
+                finding(Domain::Dependency, "10.0.3.9:80", 0.5),
+            ],
+        };
+        let text = report(&found, Format::Table, 1_090.0);
+        assert!(
+            text.starts_with("Host down (1)\n  • host 10.0.3.7 is unwell\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nDependency (2)\n  • db (10.0.3.8:5432) is unwell"),
+            "{text}"
+        );
+        assert!(
+            text.contains("since 1970-01-01T00:16:40Z (1m 30s ago)"),
+            "{text}"
+        );
+        let empty = FindingsReport { findings: vec![] };
+        assert!(report(&empty, Format::Table, 0.0).starts_with("No findings"));
+        let json: serde_json::Value =
+            serde_json::from_str(&report(&empty, Format::Json, 0.0)).unwrap();
+        assert_eq!(json["findings"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn event_lines_stream_one_per_event() {
+        let started = Sequenced {
+            seq: 7,
+            time: 1_000.0,
+            event: Event::FindingStarted(finding(
+                Domain::Internal,
+                "local service 10.0.0.2:8080",
+                1.0,
+            )),
+        };
+        let line = event_line(&started, Format::Table);
+        assert_eq!(
+            line,
+            "1970-01-01T00:16:40Z  finding   [internal] local service 10.0.0.2:8080 is unwell"
+        );
+        let json = event_line(&started, Format::Json);
+        assert!(!json.contains('\n'));
+        let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            (value["seq"].as_u64(), value["kind"].as_str()),
+            (Some(7), Some("finding_started"))
+        );
+        assert_eq!(value["domain"], "internal");
     }
 }

@@ -22,6 +22,8 @@ use anyhow::{bail, Context as _, Result};
 use nix::sched::{setns, CloneFlags};
 use resil_user::api::{EndpointStatus, StatusReport};
 
+pub mod dns;
+
 static LABS: AtomicUsize = AtomicUsize::new(0);
 
 /// Address family of a scenario.
@@ -231,6 +233,11 @@ impl Lab {
     /// Starts a TCP server on `port` (both families) in the server namespace.
     pub fn serve(&self, port: u16, mode: ServeMode) -> Result<Server> {
         Server::start(&self.server_ns, port, mode)
+    }
+
+    /// Starts a DNS resolver on UDP port 53 of the server namespace.
+    pub fn serve_dns(&self, mode: dns::DnsMode) -> Result<dns::DnsServer> {
+        dns::DnsServer::start(&self.server_ns, mode)
     }
 
     /// Starts the real `resil daemon` in the client namespace, attached to the client veth,
@@ -656,6 +663,36 @@ impl Daemon {
             .arg(&self.socket)
             .output()
             .context("cannot run resil")
+    }
+
+    /// `resil events -o json`: one JSON object per line, oldest first.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        let out = self
+            .cli(&["events", "-o", "json"])
+            .expect("run resil events");
+        assert!(
+            out.status.success(),
+            "resil events: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("a JSON line"))
+            .collect()
+    }
+
+    /// `resil report -o json`: the findings in force.
+    pub fn findings(&self) -> Vec<serde_json::Value> {
+        let out = self
+            .cli(&["report", "-o", "json"])
+            .expect("run resil report");
+        assert!(
+            out.status.success(),
+            "resil report: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+        report["findings"].as_array().cloned().unwrap_or_default()
     }
 
     fn try_status(&self) -> Result<StatusReport> {
