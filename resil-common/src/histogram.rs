@@ -81,16 +81,18 @@ pub fn quantile_us(counts: &[u64; BUCKETS], q: f64) -> Option<f64> {
     None
 }
 
-/// Counts per bucket.
+/// Counts per bucket, and the exact sum of what was recorded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Histogram {
     counts: [u64; BUCKETS],
+    sum_us: u64,
 }
 
 impl Default for Histogram {
     fn default() -> Self {
         Self {
             counts: [0; BUCKETS],
+            sum_us: 0,
         }
     }
 }
@@ -99,6 +101,31 @@ impl Histogram {
     /// Counts one latency.
     pub fn record_us(&mut self, us: u64) {
         self.counts[bucket_for_us(us)] += 1;
+        self.sum_us = self.sum_us.saturating_add(us);
+    }
+
+    /// Adds everything `other` recorded to this one.
+    pub fn add(&mut self, other: &Histogram) {
+        for (c, o) in self.counts.iter_mut().zip(other.counts.iter()) {
+            *c += o;
+        }
+        self.sum_us = self.sum_us.saturating_add(other.sum_us);
+    }
+
+    /// The sum of every latency recorded, in microseconds.
+    pub fn sum_us(&self) -> u64 {
+        self.sum_us
+    }
+
+    /// How many recorded latencies are below `bound_us`, exactly when `bound_us` is a power of
+    /// two (where buckets end), else counting the buckets that end at or below it.
+    pub fn count_below_us(&self, bound_us: f64) -> u64 {
+        self.counts
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i < BUCKETS - 1 && bucket_bounds_us(*i).1 <= bound_us)
+            .map(|(_, c)| c)
+            .sum()
     }
 
     /// Estimated `q` quantile in microseconds, `None` while empty.
@@ -126,6 +153,7 @@ impl Histogram {
         {
             *d = now.saturating_sub(*then);
         }
+        delta.sum_us = self.sum_us.saturating_sub(earlier.sum_us);
         delta
     }
 }
@@ -143,6 +171,10 @@ mod tests {
         h.record_us(100_000);
         let recent = h.since(&snapshot);
         assert_eq!((h.total(), recent.total()), (3, 2));
+        assert_eq!((h.sum_us(), recent.sum_us()), (200_100, 200_000));
+        assert_eq!(h.count_below_us(128.0), 1);
+        assert_eq!(h.count_below_us(65_536.0), 1);
+        assert_eq!(h.count_below_us(131_072.0), 3);
         assert!(recent.quantile_us(0.5).unwrap() > 50_000.0);
     }
 

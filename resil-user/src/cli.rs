@@ -13,6 +13,7 @@ use crate::{
     config::Config,
     daemon::{self, DaemonOptions},
     error::usage,
+    metrics,
     output::{self, Format},
     probes::XdpMode,
 };
@@ -122,6 +123,22 @@ pub struct DaemonArgs {
     /// How to attach the XDP ingress observer: native where the driver can, else generic.
     #[arg(long, value_enum, default_value_t = XdpMode::Auto)]
     pub xdp_mode: XdpMode,
+    /// Where to serve Prometheus metrics (/metrics) and liveness (/healthz), or `off`.
+    #[arg(long, value_name = "ADDR", default_value = metrics::DEFAULT_ADDR, value_parser = parse_metrics_addr)]
+    pub metrics: MetricsAddr,
+}
+
+/// `--metrics`: an address, or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsAddr(pub Option<SocketAddr>);
+
+fn parse_metrics_addr(text: &str) -> Result<MetricsAddr, String> {
+    if text == "off" {
+        return Ok(MetricsAddr(None));
+    }
+    text.parse().map(|a| MetricsAddr(Some(a))).map_err(|_| {
+        format!("expected an address like 127.0.0.1:9464 or [::1]:9464, or off; not `{text}`")
+    })
 }
 
 /// Parses the command line and runs the subcommand.
@@ -141,6 +158,7 @@ pub fn run() -> Result<()> {
             cgroup: args.cgroup,
             bpf_log: args.bpf_log,
             xdp_mode: args.xdp_mode,
+            metrics: args.metrics.0,
         }),
         Command::Trip(args) => manual(args, ManualAction::Trip),
         Command::Reset(args) => manual(args, ManualAction::Reset),
@@ -272,6 +290,21 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        let cli = Cli::try_parse_from(["resil", "daemon", "--metrics", "off"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Daemon(DaemonArgs {
+                metrics: MetricsAddr(None),
+                ..
+            })
+        ));
+        let cli = Cli::try_parse_from(["resil", "daemon"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Daemon(DaemonArgs { metrics: MetricsAddr(Some(a)), .. }) if a.to_string() == "127.0.0.1:9464"
+        ));
+        let e = Cli::try_parse_from(["resil", "daemon", "--metrics", "9464"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
         let cli = Cli::try_parse_from(["resil", "status", "-o", "json"]).unwrap();
         assert!(matches!(
             cli.command,

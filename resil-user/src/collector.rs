@@ -2,16 +2,21 @@
 //! Knows nothing of policy.
 
 use anyhow::{Context as _, Result};
-use aya::maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf};
-use resil_common::maps::{names, EndpointKey, EndpointStats, HandshakeEvent, Health, HEALTH_SLOTS};
+use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use resil_common::maps::{
+    names, ConnKey, ConnState, EndpointKey, EndpointStats, HandshakeEvent, Health, HEALTH_SLOTS,
+};
 
 use crate::probes::Probes;
 
 /// Readers of the kernel's maps.
 pub struct Collector {
     endpoints: PerCpuHashMap<MapData, EndpointKey, EndpointStats>,
+    connections: HashMap<MapData, ConnKey, ConnState>,
     health: PerCpuArray<MapData, u64>,
     last_health: [u64; HEALTH_SLOTS as usize],
+    /// Entries in the endpoint map at the last reading.
+    pub endpoint_entries: u64,
 }
 
 /// Sums per-CPU endpoint counters.
@@ -42,11 +47,15 @@ impl Collector {
             .context("the endpoint map has an unexpected type")?;
         let health = PerCpuArray::try_from(probes.take_map(names::HEALTH)?)
             .context("the health map has an unexpected type")?;
+        let connections = HashMap::try_from(probes.take_map(names::CONNECTIONS)?)
+            .context("the connection map has an unexpected type")?;
         let ring = RingBuf::try_from(probes.take_map(names::HANDSHAKES)?)
             .context("the handshake map has an unexpected type")?;
         Ok((
             Collector {
                 endpoints,
+                connections,
+                endpoint_entries: 0,
                 health,
                 last_health: [0; HEALTH_SLOTS as usize],
             },
@@ -55,11 +64,24 @@ impl Collector {
     }
 
     /// Calls `f` with every endpoint's counters summed across CPUs.
-    pub fn each_endpoint(&self, mut f: impl FnMut(EndpointKey, &EndpointStats)) {
+    pub fn each_endpoint(&mut self, mut f: impl FnMut(EndpointKey, &EndpointStats)) {
         // An entry evicted between listing and reading is simply skipped this tick.
+        let mut entries = 0;
         for (key, values) in self.endpoints.iter().flatten() {
             f(key, &sum(&values));
+            entries += 1;
         }
+        self.endpoint_entries = entries;
+    }
+
+    /// Entries in the connection map (a walk over its keys: call it rarely).
+    pub fn count_connections(&self) -> u64 {
+        self.connections.keys().flatten().count() as u64
+    }
+
+    /// What a health counter has counted in all, as of the last [`Collector::health_increases`].
+    pub fn health_total(&self, slot: Health) -> u64 {
+        self.last_health[slot as usize]
     }
 
     /// Health counters that grew since the last call, with how much.

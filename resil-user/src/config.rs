@@ -21,6 +21,7 @@ use crate::{
     breaker::{FailureKind, FailureSet, Mode, WindowPolicy},
     error::usage,
     policy::{Dependency, EndpointPattern, Policies, Policy},
+    services::ServiceRule,
 };
 
 /// The embedded configuration: the built-in defaults written out, for reference.
@@ -36,6 +37,12 @@ pub struct Config {
     pub tick: Duration,
     /// How long the kernel keeps enforcing a verdict the daemon stopped refreshing.
     pub fail_open_after: Duration,
+    /// A DNS query unanswered this long is a timeout.
+    pub dns_timeout: Duration,
+    /// Endpoints exported to Prometheus one by one, at most; the rest are summed up.
+    pub metrics_max_endpoints: usize,
+    /// Local services with shedding or a bulkhead.
+    pub services: Vec<ServiceRule>,
     /// Defaults and dependencies.
     pub policies: Policies,
     /// Where it came from (a file, or the embedded defaults), for messages and reloads.
@@ -186,6 +193,10 @@ struct File {
     defaults: Option<Spanned<PolicyKeys>>,
     #[serde(default, rename = "dependency")]
     dependencies: Vec<DependencyKeys>,
+    #[serde(default)]
+    metrics: MetricsKeys,
+    #[serde(default, rename = "service")]
+    services: Vec<Spanned<ServiceKeys>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -193,6 +204,38 @@ struct File {
 struct DaemonKeys {
     tick: Option<Dur<10, 10_000>>,
     fail_open_after: Option<Dur<200, 600_000>>,
+    dns_timeout: Option<Dur<100, 60_000>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsKeys {
+    max_endpoints: Option<Count<0, 100_000>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceKeys {
+    name: Option<String>,
+    port: Count<1, 65_535>,
+    address: Option<Address>,
+    #[serde(default)]
+    shed_when_unhealthy: bool,
+    max_connections: Option<Count<1, 10_000_000>>,
+}
+
+/// A local IP address.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Address(std::net::IpAddr);
+
+impl<'de> Deserialize<'de> for Address {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let expected = "expected an IP address like \"10.0.0.2\" or \"fd00::2\"";
+        let text = String::deserialize(d).map_err(|_| de::Error::custom(expected))?;
+        text.parse()
+            .map(Address)
+            .map_err(|_| de::Error::custom(format!("{expected}, not \"{text}\"")))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -538,9 +581,50 @@ impl Config {
                 humantime::format_duration(tick)
             )));
         }
+        let mut services: Vec<ServiceRule> = Vec::new();
+        for keys in &file.services {
+            let at = keys.span().start;
+            let keys = keys.get_ref();
+            let rule = ServiceRule {
+                name: keys.name.clone(),
+                port: keys.port.0 as u16,
+                address: keys.address.map(|a| a.0),
+                shed_when_unhealthy: keys.shed_when_unhealthy,
+                max_connections: keys.max_connections.map(|c| c.0 as u64),
+            };
+            if !rule.shed_when_unhealthy && rule.max_connections.is_none() {
+                return Err(fail(
+                    at,
+                    format!("[[service]] {}: expected shed_when_unhealthy = true or max_connections, or the entry does nothing", rule.label()),
+                ));
+            }
+            if let Some(other) = services
+                .iter()
+                .find(|o| o.port == rule.port && o.address == rule.address)
+            {
+                return Err(fail(
+                    at,
+                    format!(
+                        "[[service]] {}: the same service as {} above",
+                        rule.label(),
+                        other.label()
+                    ),
+                ));
+            }
+            services.push(rule);
+        }
         Ok(Config {
             tick,
             fail_open_after,
+            dns_timeout: file
+                .daemon
+                .dns_timeout
+                .map_or(Duration::from_secs(2), |Dur(d)| d),
+            metrics_max_endpoints: file
+                .metrics
+                .max_endpoints
+                .map_or(500, |Count(n)| n as usize),
+            services,
             policies: Policies {
                 defaults,
                 dependencies,

@@ -2,7 +2,7 @@
 //! time out unanswered handshakes and answer the local API, until SIGINT or SIGTERM.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
@@ -13,9 +13,12 @@ use std::{
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::maps::{MapData, RingBuf};
 use log::{error, info, warn, LevelFilter};
-use resil_common::maps::{
-    Direction, DnsEvent, EndpointKey, HandshakeEvent, HandshakeKind, Health, FAMILY_IPV4,
-    FAMILY_IPV6,
+use resil_common::{
+    histogram::Histogram,
+    maps::{
+        Direction, DnsEvent, EndpointKey, HandshakeEvent, HandshakeKind, Health, FAMILY_IPV4,
+        FAMILY_IPV6, MAX_CONNECTIONS, MAX_ENDPOINTS, MAX_VERDICTS,
+    },
 };
 use tokio::{
     io::{unix::AsyncFd, Interest},
@@ -26,7 +29,7 @@ use tokio::{
 use crate::{
     api::{
         EndpointStatus, EventsReport, FindingsReport, ManualReport, ManualResult, Request,
-        ResolverStatus, Response, Server, StatusReport,
+        ResolverStatus, Response, Server, Side, StatusReport,
     },
     breaker::{FailureKind, Outcome, Recorded, State, Ticket},
     circuits::{Circuits, ManualAction},
@@ -35,24 +38,29 @@ use crate::{
     config::Config,
     deadlines::ConnDeadlines,
     endpoints::{latency_of, side_of, socket_addr, EndpointTable},
+    enforcer::Desired,
     enforcer::Enforcer,
     error::usage,
-    events::{Event, EventLog},
-    findings::{self, BreakerView, Change, Finding, Findings, Observed, ObservedResolver},
+    events::{Event, EventLog, Shedding},
+    findings::{self, BreakerView, Change, Domain, Finding, Findings, Observed, ObservedResolver},
+    metrics::{
+        self, DaemonHealth, EndpointLabels, EndpointSample, MapFill, ResolverSample, Scrape,
+        Snapshot,
+    },
     names::Names,
     netinfo,
     output::display_name,
     probes::{Probes, XdpMode},
     resolvers::{self, DnsCounts, Resolvers},
+    services::{self, ShedReason},
 };
 
 /// Handshakes the daemon follows at once, at most.
 const MAX_PENDING_HANDSHAKES: usize = 262_144;
 /// How long a completed handshake may still turn into a failure (reset before any reply).
 const RESET_HORIZON_NS: u64 = 30_000_000_000;
-/// A DNS query without an answer after this long is a timeout (glibc's resolver retries
-/// after 5 s; most stub resolvers sooner).
-const DNS_TIMEOUT_NS: u64 = 2_000_000_000;
+/// How often the kernel's connection map is counted (a walk over 64 Ki keys at most).
+const COUNT_CONNECTIONS_EVERY_NS: u64 = 10_000_000_000;
 /// Where static names come from.
 const HOSTS_FILE: &str = "/etc/hosts";
 /// Span of the "recent" figures findings are judged on (they cover one to two spans).
@@ -75,6 +83,8 @@ pub struct DaemonOptions {
     pub bpf_log: LevelFilter,
     /// How to attach the XDP ingress observer.
     pub xdp_mode: XdpMode,
+    /// Where to serve Prometheus metrics; `None`: nowhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Runs the daemon until a signal asks it to stop.
@@ -169,10 +179,19 @@ struct Agent {
     events: EventLog,
     /// When the findings were last assessed.
     assessed_ns: u64,
+    /// Local services being shed, and why.
+    shedding: HashMap<EndpointKey, ShedReason>,
+    /// How long ticks take.
+    tick_durations: Histogram,
+    /// Entries in the kernel's connection map, counted now and then.
+    connection_entries: u64,
+    /// When they were last counted.
+    connections_counted_ns: u64,
 }
 
 impl Agent {
     fn new(config: Config, enforcer: Enforcer) -> Self {
+        let dns_timeout_ns = config.dns_timeout.as_nanos() as u64;
         Agent {
             config,
             endpoints: EndpointTable::default(),
@@ -181,12 +200,144 @@ impl Agent {
             handshakes: ConnDeadlines::new(MAX_PENDING_HANDSHAKES),
             successes: ConnDeadlines::new(MAX_PENDING_HANDSHAKES),
             reported_overflow: 0,
-            resolvers: Resolvers::new(DNS_TIMEOUT_NS),
+            resolvers: Resolvers::new(dns_timeout_ns),
             names: Names::new(Path::new(HOSTS_FILE)),
             findings: Findings::default(),
             events: EventLog::default(),
             assessed_ns: 0,
+            shedding: HashMap::new(),
+            tick_durations: Histogram::default(),
+            connection_entries: 0,
+            connections_counted_ns: 0,
         }
+    }
+
+    /// Which local services to shed now: over their connection limit, or unhealthy where the
+    /// configuration asks for it. Changes are logged and go to the event stream.
+    fn decide_shedding(&mut self) {
+        if self.config.services.is_empty() && self.shedding.is_empty() {
+            return;
+        }
+        let mut now_shed = HashMap::new();
+        for key in self.endpoints.services() {
+            let addr = socket_addr(key);
+            let Some(rule) = services::rule_for(&self.config.services, &addr) else {
+                continue;
+            };
+            let unhealthy = self
+                .findings
+                .about(Domain::Internal, &addr.to_string())
+                .map(|f| f.summary.as_str());
+            let open = self.endpoints.open_connections(key);
+            if let Some(reason) = services::decide(rule, open, unhealthy) {
+                now_shed.insert(*key, reason);
+            }
+        }
+        for (key, reason) in &now_shed {
+            if !self.shedding.contains_key(key) {
+                let service = socket_addr(key).to_string();
+                warn!("shedding local service {service}: {reason}");
+                let event = Event::SheddingStarted(Shedding {
+                    service,
+                    reason: reason.to_string(),
+                });
+                self.events.push(unix_now(), event);
+            }
+        }
+        for (key, reason) in &self.shedding {
+            if !now_shed.contains_key(key) {
+                let service = socket_addr(key).to_string();
+                info!("no longer shedding local service {service}");
+                let event = Event::SheddingEnded(Shedding {
+                    service,
+                    reason: reason.to_string(),
+                });
+                self.events.push(unix_now(), event);
+            }
+        }
+        self.shedding = now_shed;
+    }
+
+    /// What a scrape exports.
+    fn metrics(&mut self, collector: &Collector) -> String {
+        let now = monotonic_ns();
+        let mut endpoints: Vec<EndpointSample> = self
+            .endpoints
+            .samples()
+            .map(|(key, stats, timeouts, latency)| {
+                let circuit = self.circuits.get(key);
+                EndpointSample {
+                    labels: EndpointLabels {
+                        endpoint: socket_addr(key).to_string(),
+                        direction: match side_of(key) {
+                            Side::Outbound => "outbound",
+                            Side::Inbound => "inbound",
+                        },
+                        name: self.name_of(key, now).unwrap_or_default(),
+                    },
+                    stats: *stats,
+                    timeouts,
+                    latency: *latency,
+                    state: circuit.map(|c| c.breaker.reported_state()),
+                    failure_rate: circuit.and_then(|c| c.breaker.failure_rate(now)),
+                    shedding: self.shedding.contains_key(key),
+                }
+            })
+            .collect();
+        let aggregated = metrics::cap_endpoints(&mut endpoints, self.config.metrics_max_endpoints);
+        let resolvers = self
+            .resolvers
+            .iter()
+            .map(|(addr, r)| ResolverSample {
+                resolver: addr.to_string(),
+                counts: r.counts,
+                latency: r.latency,
+            })
+            .collect();
+        let health = DaemonHealth {
+            tick: self.tick_durations,
+            maps: vec![
+                MapFill {
+                    map: "connections",
+                    entries: self.connection_entries,
+                    capacity: MAX_CONNECTIONS as u64,
+                },
+                MapFill {
+                    map: "endpoints",
+                    entries: collector.endpoint_entries,
+                    capacity: MAX_ENDPOINTS as u64,
+                },
+                MapFill {
+                    map: "verdicts",
+                    entries: self.enforcer.enforced() as u64,
+                    capacity: MAX_VERDICTS as u64,
+                },
+            ],
+            events_lost: vec![
+                ("handshakes", collector.health_total(Health::EventsLost)),
+                ("dns", collector.health_total(Health::DnsEventsLost)),
+            ],
+            insert_failures: vec![
+                (
+                    "connections",
+                    collector.health_total(Health::ConnInsertFailed),
+                ),
+                (
+                    "endpoints",
+                    collector.health_total(Health::EndpointInsertFailed),
+                ),
+            ],
+            malformed_packets: collector.health_total(Health::Malformed),
+            pending_handshakes: self.handshakes.len() as u64,
+            pending_dns_queries: self.resolvers.pending() as u64,
+            endpoints_aggregated: aggregated,
+        };
+        metrics::render(Snapshot {
+            endpoints,
+            resolvers,
+            findings: self.findings.count_by_domain(),
+            health,
+        })
     }
 
     /// Moves the breakers' latest transitions into the event log.
@@ -327,8 +478,13 @@ impl Agent {
     }
 
     fn tick(&mut self, collector: &mut Collector) {
+        let started = std::time::Instant::now();
         collector.each_endpoint(|key, stats| self.endpoints.absorb(key, stats));
         let now = monotonic_ns();
+        if now.saturating_sub(self.connections_counted_ns) >= COUNT_CONNECTIONS_EVERY_NS {
+            self.connections_counted_ns = now;
+            self.connection_entries = collector.count_connections();
+        }
         for (conn, ticket) in self.handshakes.expire(now) {
             let endpoint = conn.endpoint(Direction::Outbound);
             self.endpoints.record_timeout(endpoint);
@@ -346,6 +502,7 @@ impl Agent {
         if now.saturating_sub(self.assessed_ns) >= ASSESS_EVERY_NS {
             self.assess(now);
         }
+        self.decide_shedding();
         self.enforce(now);
         self.endpoints.end_tick();
         let overflowed = self.handshakes.overflowed;
@@ -373,11 +530,14 @@ impl Agent {
                 Health::Malformed => log::debug!("{grew} malformed TCP/UDP/ICMP packets seen"),
             }
         }
+        self.tick_durations
+            .record_us(started.elapsed().as_micros() as u64);
     }
 
     /// Writes the circuits' verdicts into the kernel, refreshing their expiry.
     fn enforce(&mut self, now: u64) {
-        let desired = self.circuits.desired();
+        let mut desired = self.circuits.desired();
+        desired.extend(self.shedding.keys().map(|key| (*key, Desired::Refuse)));
         self.enforcer.sync(now, &desired);
     }
 
@@ -449,6 +609,8 @@ impl Agent {
                 self.circuits.apply(&config.policies, monotonic_ns());
                 self.enforcer
                     .set_fail_open_ns(config.fail_open_after.as_nanos() as u64);
+                self.resolvers
+                    .set_timeout_ns(config.dns_timeout.as_nanos() as u64);
                 info!(
                     "configuration reloaded from {} ({} dependencies)",
                     config.source,
@@ -490,6 +652,10 @@ impl Agent {
                     status.dependency = circuit.dependency.clone();
                 }
                 status.name = self.name_of(&key, now);
+                if let Some(reason) = self.shedding.get(&key) {
+                    status.state = "shedding".to_string();
+                    status.reason = Some(reason.to_string());
+                }
                 status
             })
             .collect()
@@ -555,6 +721,10 @@ async fn agent(
     // The socket first: a second daemon must learn that one is running before it touches
     // any hook (an interface holds one XDP program only).
     let server = Rc::new(Server::bind(&options.socket)?);
+    let metrics_listener = match options.metrics {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
     let mut probes = Probes::load(options.bpf_log)?;
     for iface in &interfaces {
         probes.attach(iface, options.xdp_mode)?;
@@ -570,15 +740,26 @@ async fn agent(
         let server = Rc::clone(&server);
         tokio::task::spawn_local(async move { server.serve(requests_tx).await })
     };
+    let (scrape_tx, mut scrapes) = mpsc::channel(16);
+    let serving_metrics = metrics_listener.map(|listener| {
+        let scrape_tx = scrape_tx.clone();
+        tokio::task::spawn_local(async move { metrics::serve(listener, scrape_tx).await })
+    });
     let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let mut tick = tokio::time::interval(config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut agent = Agent::new(config, enforcer);
+    let modes: Vec<String> = probes
+        .xdp_modes()
+        .iter()
+        .map(|(iface, mode)| format!("{iface} (XDP {mode})"))
+        .collect();
     info!(
-        "resil daemon observing {}, enforcing for cgroup {} (socket {}, configuration from {})",
-        interfaces.join(", "),
+        "resil daemon observing {}, enforcing for cgroup {} (socket {}, metrics {}, configuration from {})",
+        modes.join(", "),
         cgroup.display(),
         options.socket.display(),
+        options.metrics.map_or("off".to_string(), |a| format!("http://{a}/metrics")),
         agent.config.source
     );
 
@@ -609,6 +790,10 @@ async fn agent(
             Some((request, reply)) = requests.recv() => {
                 let _ = reply.send(agent.answer(request));
             }
+            Some(scrape) = scrapes.recv() => match scrape {
+                Scrape::Metrics(reply) => { let _ = reply.send(agent.metrics(&collector)); }
+                Scrape::Alive(reply) => { let _ = reply.send(()); }
+            },
             _ = hangup.recv() => agent.reload(),
             _ = interrupt.recv() => { info!("SIGINT: detaching and exiting"); break; }
             _ = terminate.recv() => { info!("SIGTERM: detaching and exiting"); break; }
@@ -617,6 +802,10 @@ async fn agent(
     // Nothing stays enforced after a clean shutdown, not even until the verdicts expire.
     agent.enforcer.clear();
     serving.abort();
+    if let Some(task) = serving_metrics {
+        task.abort();
+    }
+    drop(scrape_tx);
     // Give the aborted task a moment to drop its handle on the server before we remove it.
     tokio::time::sleep(Duration::from_millis(1)).await;
     drop(server);

@@ -168,6 +168,20 @@ impl EndpointTable {
         out
     }
 
+    /// Every endpoint's cumulative figures: counters, timeouts, handshake latency.
+    pub fn samples(&self) -> impl Iterator<Item = (&EndpointKey, &EndpointStats, u64, &Histogram)> {
+        self.endpoints
+            .iter()
+            .map(|(k, e)| (k, &e.total, e.timeouts, &e.latency))
+    }
+
+    /// Local services (inbound endpoints) known.
+    pub fn services(&self) -> impl Iterator<Item = &EndpointKey> {
+        self.endpoints
+            .keys()
+            .filter(|k| k.direction == Direction::Inbound as u8)
+    }
+
     /// Connections to a local service open now, as far as the kernel saw them complete and
     /// end (one evicted from its connection table before it ended stays counted).
     pub fn open_connections(&self, key: &EndpointKey) -> u64 {

@@ -10,7 +10,7 @@ use resil_common::maps::{names, EndpointKey, TokenKey, Verdict, VerdictAction, M
 
 use crate::probes::Probes;
 
-/// What an endpoint's circuit asks of the kernel.
+/// What an endpoint's circuit (or a shed local service) asks of the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Desired {
     /// Refuse every new connection.

@@ -20,6 +20,18 @@ pub enum Event {
     FindingStarted(Finding),
     /// A finding's condition cleared.
     FindingEnded(Finding),
+    /// resil began answering new connections to a local service with a RST.
+    SheddingStarted(Shedding),
+    /// … and stopped.
+    SheddingEnded(Shedding),
+}
+
+/// A local service being shed, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Shedding {
+    /// `10.0.0.2:8080`.
+    pub service: String,
+    pub reason: String,
 }
 
 /// An event with its number and time; the JSON of one line of `resil events -o json`.

@@ -675,6 +675,13 @@ impl Findings {
         all
     }
 
+    /// A finding in force of `domain` about `endpoint`, if any.
+    pub fn about(&self, domain: Domain, endpoint: &str) -> Option<&Finding> {
+        self.active
+            .values()
+            .find(|f| f.domain == domain && f.endpoints.iter().any(|e| e == endpoint))
+    }
+
     /// Number of findings in force per domain.
     pub fn count_by_domain(&self) -> BTreeMap<Domain, usize> {
         let mut counts = BTreeMap::new();

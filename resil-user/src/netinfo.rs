@@ -66,21 +66,22 @@ pub fn is_cgroup2_dir(path: &std::path::Path) -> bool {
 const ARPHRD_ETHER: u16 = 1;
 const ARPHRD_LOOPBACK: u16 = 772;
 
-/// The interface's link type (`ARPHRD_*`), asked of the kernel in this network namespace.
-pub fn link_type(name: &str) -> std::io::Result<u16> {
+/// Runs an interface ioctl on `request` (its name filled in from `name`) over a throwaway
+/// socket: never bound, so it works with every interface, down or loopback.
+fn interface_ioctl(
+    name: &str,
+    code: nix::libc::c_ulong,
+    request: &mut nix::libc::ifreq,
+) -> std::io::Result<()> {
     use nix::libc;
     use std::os::fd::AsRawFd;
     let bytes = name.as_bytes();
-    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
-    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
     if bytes.len() >= request.ifr_name.len() {
         return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
     }
     for (dst, src) in request.ifr_name.iter_mut().zip(bytes) {
         *dst = *src as libc::c_char;
     }
-    // Any socket will do for the ioctl; it is never bound, so it works with every interface
-    // down, loopback included.
     let socket = nix::sys::socket::socket(
         nix::sys::socket::AddressFamily::Inet,
         nix::sys::socket::SockType::Datagram,
@@ -88,13 +89,59 @@ pub fn link_type(name: &str) -> std::io::Result<u16> {
         None,
     )
     .map_err(std::io::Error::from)?;
-    // SAFETY: SIOCGIFHWADDR reads the name and writes the hardware address into `request`.
-    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFHWADDR, &mut request) };
+    // SAFETY: the caller's request matches `code`; the kernel reads the name and writes the
+    // answer into the request (or where it points).
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), code, request as *mut libc::ifreq) };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
+    Ok(())
+}
+
+/// The interface's link type (`ARPHRD_*`), asked of the kernel in this network namespace.
+pub fn link_type(name: &str) -> std::io::Result<u16> {
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+    let mut request: nix::libc::ifreq = unsafe { std::mem::zeroed() };
+    interface_ioctl(name, nix::libc::SIOCGIFHWADDR, &mut request)?;
     // SAFETY: the kernel filled the hardware-address member of the union.
     Ok(unsafe { request.ifr_ifru.ifru_hwaddr.sa_family })
+}
+
+/// `struct ethtool_drvinfo` of <linux/ethtool.h>.
+#[repr(C)]
+struct DriverInfo {
+    cmd: u32,
+    driver: [u8; 32],
+    version: [u8; 32],
+    fw_version: [u8; 32],
+    bus_info: [u8; 32],
+    erom_version: [u8; 32],
+    reserved2: [u8; 12],
+    n_priv_flags: u32,
+    n_stats: u32,
+    testinfo_len: u32,
+    eedump_len: u32,
+    regdump_len: u32,
+}
+
+/// The interface's driver (`veth`, `virtio_net`, `mlx5_core` …), if it says.
+pub fn driver(name: &str) -> Option<String> {
+    const SIOCETHTOOL: nix::libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 0x3;
+    // SAFETY: plain old data; all zeroes is valid.
+    let mut info: DriverInfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    // SAFETY: as above.
+    let mut request: nix::libc::ifreq = unsafe { std::mem::zeroed() };
+    request.ifr_ifru.ifru_data = (&mut info as *mut DriverInfo).cast();
+    interface_ioctl(name, SIOCETHTOOL, &mut request).ok()?;
+    let end = info
+        .driver
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(info.driver.len());
+    let driver = String::from_utf8_lossy(&info.driver[..end]).into_owned();
+    (!driver.is_empty()).then_some(driver)
 }
 
 /// Whether the programs can parse this interface's frames (Ethernet or loopback).
@@ -145,6 +192,13 @@ mod tests {
         assert!(!interface_exists("../../etc"));
         assert!(!interface_exists("definitely-not-an-interface0"));
         assert!(interface_exists("lo"));
+    }
+
+    #[test]
+    fn drivers_are_named_where_the_interface_says() {
+        // Loopback answers no driver query; a missing interface has none.
+        assert_eq!(driver("no-such-if0"), None);
+        let _ = driver("lo");
     }
 
     #[test]

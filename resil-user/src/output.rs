@@ -147,6 +147,13 @@ pub fn event_line(event: &Sequenced, format: Format) -> String {
             domain_word(f.domain),
             f.summary
         ),
+        Event::SheddingStarted(s) => {
+            format!(
+                "{time}  shedding  local service {}: {}",
+                s.service, s.reason
+            )
+        }
+        Event::SheddingEnded(s) => format!("{time}  shedding  local service {}: ended", s.service),
         Event::FindingEnded(f) => format!(
             "{time}  cleared   [{}] {} (since {})",
             domain_word(f.domain),

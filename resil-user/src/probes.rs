@@ -29,7 +29,9 @@ const CONNECT_PROGRAMS: [&str; 2] = ["resil_connect4", "resil_connect6"];
 /// How to attach the XDP observer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum XdpMode {
-    /// Native (in the driver) where it works, generic otherwise.
+    /// Native (in the driver) where it works, generic otherwise; generic on veth, where
+    /// native XDP would change the peer (no GSO) and drop the RSTs of shedding unless the
+    /// peer runs XDP or GRO.
     #[default]
     Auto,
     /// Native only: fail if the driver cannot.
@@ -129,9 +131,11 @@ impl Probes {
     }
 
     fn attach_xdp(&mut self, iface: &str, mode: XdpMode) -> Result<()> {
+        let veth = crate::netinfo::driver(iface).is_some_and(|d| d == "veth");
         let program = self.program::<Xdp>(XDP_INGRESS)?;
         let native = match mode {
             XdpMode::Generic => None,
+            XdpMode::Auto if veth => None,
             XdpMode::Native | XdpMode::Auto => Some(program.attach(iface, XdpFlags::Driver)),
         };
         let used = match (native, mode) {

@@ -257,14 +257,31 @@ impl Lab {
         )
     }
 
+    /// Like [`Lab::daemon_with_config`] with extra `resil daemon` arguments.
+    pub fn daemon_with_args(&self, config: &str, extra: &[&str]) -> Result<Daemon> {
+        Daemon::start_with(
+            &self.client_ns,
+            &self.client_if,
+            &self.cgroup,
+            &self.dir,
+            config,
+            extra,
+        )
+    }
+
     /// The daemon on the server side instead, to watch the services clients connect to.
     pub fn server_daemon(&self) -> Result<Daemon> {
+        self.server_daemon_with_config("")
+    }
+
+    /// Like [`Lab::server_daemon`] with the given configuration file text.
+    pub fn server_daemon_with_config(&self, config: &str) -> Result<Daemon> {
         Daemon::start(
             &self.server_ns,
             &self.server_if,
             &self.cgroup,
             &self.dir,
-            "",
+            config,
         )
     }
 
@@ -525,6 +542,25 @@ fn bind_v6_only(port: u16) -> Result<TcpListener> {
     Ok(TcpListener::from(fd))
 }
 
+/// A plain HTTP/1.0 GET from the current namespace: status code, headers, body.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("no end of the HTTP headers")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no HTTP status")?;
+    Ok((status, head.to_string(), body.to_string()))
+}
+
 /// Makes closing `stream` send a RST instead of a FIN.
 pub fn reset_on_close(stream: &TcpStream) {
     let linger = nix::libc::linger {
@@ -600,6 +636,17 @@ pub struct Daemon {
 
 impl Daemon {
     fn start(netns: &str, iface: &str, cgroup: &Path, dir: &Path, config: &str) -> Result<Daemon> {
+        Self::start_with(netns, iface, cgroup, dir, config, &[])
+    }
+
+    fn start_with(
+        netns: &str,
+        iface: &str,
+        cgroup: &Path,
+        dir: &Path,
+        config: &str,
+        extra: &[&str],
+    ) -> Result<Daemon> {
         let n = LABS.fetch_add(1, Ordering::SeqCst);
         let socket = dir.join(format!("resil-{n}.sock"));
         let config_path = dir.join(format!("resil-{n}.toml"));
@@ -616,6 +663,7 @@ impl Daemon {
             .arg(&config_path)
             .arg("--cgroup")
             .arg(cgroup)
+            .args(extra)
             .env("RUST_LOG", "info,resil_user::circuits=debug")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)

@@ -17,11 +17,11 @@ fn connect(addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
     TcpStream::connect_timeout(&addr, timeout)
 }
 
-fn successful_connections(family: Family) {
+fn successful_connections(family: Family, daemon_args: &[&str]) {
     const N: u64 = 20;
     let lab = Lab::new("ok").unwrap();
     let _server = lab.serve(8080, ServeMode::Echo).unwrap();
-    let daemon = lab.daemon().unwrap();
+    let daemon = lab.daemon_with_args("", daemon_args).unwrap();
     let addr = SocketAddr::new(lab.server_ip(family), 8080);
     lab.client(|| {
         for _ in 0..N {
@@ -47,12 +47,18 @@ fn successful_connections(family: Family) {
 
 #[test]
 fn counts_successful_connections_ipv4() {
-    successful_connections(Family::V4);
+    successful_connections(Family::V4, &[]);
 }
 
 #[test]
 fn counts_successful_connections_ipv6() {
-    successful_connections(Family::V6);
+    successful_connections(Family::V6, &[]);
+}
+
+/// On veth `auto` attaches generic XDP; the native path observes the same.
+#[test]
+fn counts_successful_connections_with_native_xdp() {
+    successful_connections(Family::V4, &["--xdp-mode", "native"]);
 }
 
 fn refused_connections(family: Family) {

@@ -21,6 +21,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("nsenter", "util-linux"),
     ("setpriv", "util-linux"),
+    // promtool and a real Prometheus, for the metrics tests.
+    ("promtool", "prometheus"),
 ];
 
 /// Runs every step.

@@ -372,3 +372,68 @@ fn enforcement_limits() {
     let c = parse("[daemon]\nfail_open_after = \"5s\"\n").unwrap();
     assert_eq!(c.fail_open_after, Duration::from_secs(5));
 }
+
+#[test]
+fn metrics_dns_and_service_keys() {
+    let c = parse(
+        r#"
+        [daemon]
+        dns_timeout = "500ms"
+        [metrics]
+        max_endpoints = 50
+        [[service]]
+        name = "api"
+        port = 8080
+        address = "10.0.0.2"
+        shed_when_unhealthy = true
+        max_connections = 1000
+        [[service]]
+        port = 8080
+        max_connections = 10
+        "#,
+    )
+    .unwrap();
+    assert_eq!(c.dns_timeout, Duration::from_millis(500));
+    assert_eq!(c.metrics_max_endpoints, 50);
+    assert_eq!(c.services.len(), 2);
+    assert_eq!(c.services[0].label(), "api (10.0.0.2:8080)");
+    assert_eq!(c.services[0].max_connections, Some(1000));
+    assert!(!c.services[1].shed_when_unhealthy);
+    let defaults = parse("").unwrap();
+    assert_eq!(defaults.dns_timeout, Duration::from_secs(2));
+    assert_eq!(defaults.metrics_max_endpoints, 500);
+    assert!(defaults.services.is_empty());
+}
+
+#[test]
+fn service_errors() {
+    let e = error("[[service]]\nport = 8080\n");
+    assert!(
+        e.contains("line 1") && e.contains("the entry does nothing"),
+        "{e}"
+    );
+    let e = error("[[service]]\nport = 70000\nmax_connections = 1\n");
+    assert!(
+        e.contains("line 2: port: expected a whole number from 1 to 65535"),
+        "{e}"
+    );
+    let e = error("[[service]]\nport = 80\naddress = \"nope\"\nshed_when_unhealthy = true\n");
+    assert!(e.contains("address: expected an IP address"), "{e}");
+    let e = error("[[service]]\nport = 80\nmax_connections = 5\n[[service]]\nport = 80\nshed_when_unhealthy = true\n");
+    assert!(
+        e.contains("line 4") && e.contains("the same service as :80 above"),
+        "{e}"
+    );
+    let e = error("[[service]]\nport = 80\nmax_conections = 5\n");
+    assert!(e.contains("unknown field `max_conections`"), "{e}");
+    let e = error("[metrics]\nmax_endpoints = -1\n");
+    assert!(
+        e.contains("max_endpoints: expected a whole number from 0 to 100000"),
+        "{e}"
+    );
+    let e = error("[daemon]\ndns_timeout = \"5ms\"\n");
+    assert!(
+        e.contains("dns_timeout: expected a duration from 100ms to 1m"),
+        "{e}"
+    );
+}
