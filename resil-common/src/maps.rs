@@ -18,6 +18,9 @@ pub mod names {
     pub const TOKENS: &str = "TOKENS";
     /// Ring buffer of [`super::DnsEvent`]: DNS queries leaving and answers arriving.
     pub const DNS: &str = "DNS";
+    /// LRU hash: [`super::DnsQueryKey`] → `u8`: queries in flight, so only their answers are
+    /// reported.
+    pub const DNS_QUERIES: &str = "DNS_QUERIES";
 }
 
 /// Capacity of the connection map (LRU: the least recently used entries make room).
@@ -33,6 +36,8 @@ pub const DNS_RING_BYTES: u32 = 1 << 20;
 pub const DNS_CAPTURE: usize = 512;
 /// The DNS port.
 pub const DNS_PORT: u16 = 53;
+/// DNS queries in flight the kernel remembers (LRU: the oldest make room).
+pub const MAX_DNS_QUERIES: u32 = 16_384;
 
 /// Capacity of the verdict map: endpoints the kernel can enforce at once.
 pub const MAX_VERDICTS: u32 = 16_384;
@@ -364,6 +369,15 @@ pub struct HandshakeEvent {
     pub _pad: [u8; 7],
 }
 
+/// A DNS query in flight: its flow (oriented from this node) and message id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct DnsQueryKey {
+    pub conn: ConnKey,
+    pub id: u16,
+    pub _pad: [u8; 6],
+}
+
 /// Kinds of [`DnsEvent`].
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -397,7 +411,7 @@ pub struct DnsEvent {
     /// A [`DnsKind`] as a byte.
     pub kind: u8,
     pub _pad: u8,
-    /// How many bytes of `message` are valid (0 for queries).
+    /// How many bytes of `message` are valid (2 for queries: their id).
     pub len: u16,
     /// The message's first bytes, for answers.
     pub message: [u8; DNS_CAPTURE],
@@ -414,7 +428,7 @@ pub enum Health {
     EndpointInsertFailed = 1,
     /// A handshake event was dropped because the ring buffer was full.
     EventsLost = 2,
-    /// A TCP or ICMP packet whose headers were truncated or malformed.
+    /// A TCP, UDP or ICMP packet whose headers were truncated or malformed.
     Malformed = 3,
     /// A DNS event was dropped because its ring buffer was full.
     DnsEventsLost = 4,
@@ -478,6 +492,7 @@ mod tests {
         assert_eq!(size_of::<EndpointKey>(), 20);
         assert_eq!(size_of::<EndpointStats>(), 8 * 13);
         assert_eq!(size_of::<DnsEvent>(), 8 + 40 + 4 + DNS_CAPTURE + 4);
+        assert_eq!(size_of::<DnsQueryKey>(), 48);
         assert_eq!(size_of::<Verdict>(), 24);
         assert_eq!(size_of::<TokenKey>(), 28);
         assert_eq!(size_of::<HandshakeEvent>(), 64);

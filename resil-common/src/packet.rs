@@ -119,7 +119,7 @@ pub enum Parsed {
     Unreachable(QuotedFlow),
     /// Not something resil tracks (ARP, a non-first fragment, other ICMP …).
     Other,
-    /// TCP or ICMP whose headers are truncated or inconsistent.
+    /// TCP, UDP or ICMP whose headers are truncated or inconsistent.
     Malformed,
 }
 

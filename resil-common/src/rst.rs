@@ -67,7 +67,7 @@ pub fn syn_into_rst<P: PacketWrite + ?Sized>(packet: &P, seg: &TcpSegment) -> Op
     }
     let ports: [u8; 4] = packet.read(tcp)?;
     packet.write(tcp, [ports[2], ports[3], ports[0], ports[1]])?;
-    // Sequence, acknowledgement, data offset and flags: 12 bytes, 6 whole words.
+    // Sequence, acknowledgement, data offset and flags: 10 bytes, 5 whole words.
     let old: [u8; 10] = packet.read(tcp + 4)?;
     let (seq, ack, flags) = rst_for_syn(seg.seq, seg.payload_len);
     let mut new = old;

@@ -187,6 +187,22 @@ pub fn quoted_conn_key(flow: &QuotedFlow) -> ConnKey {
     }
 }
 
+/// Whether a segment is a bare SYN (no ACK, no RST): a connection's opening packet.
+#[inline(always)]
+pub fn is_bare_syn(seg: &TcpSegment) -> bool {
+    seg.flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) == tcp_flags::SYN
+}
+
+/// Whether `seg`, a SYN crossing the interface `way`, repeats the SYN that opened `conn`,
+/// still waiting for its handshake: a retransmission of a connection already let through.
+#[inline(always)]
+pub fn repeats_opening_syn(conn: Option<&ConnState>, seg: &TcpSegment, way: Way) -> bool {
+    conn.is_some_and(|c| match way {
+        Way::Egress => c.phase == Phase::SynSent as u32 && c.local_isn == seg.seq,
+        Way::Ingress => c.phase == Phase::SynReceived as u32 && c.remote_isn == seg.seq,
+    })
+}
+
 fn outbound_event(direction: Direction, kind: HandshakeKind) -> Option<HandshakeKind> {
     match direction {
         Direction::Outbound => Some(kind),

@@ -27,12 +27,12 @@ use aya_log_ebpf::warn;
 use resil_common::{
     enforce::{self, Decision},
     maps::{
-        ConnKey, ConnState, Direction, DnsEvent, DnsKind, EndpointKey, EndpointStats,
-        HandshakeEvent, Health, Phase, TokenKey, Verdict, DNS_CAPTURE, DNS_PORT, DNS_RING_BYTES,
-        FAMILY_IPV4, HANDSHAKE_RING_BYTES, HEALTH_SLOTS, MAX_CONNECTIONS, MAX_ENDPOINTS,
-        MAX_PROBES, MAX_TOKENS, MAX_VERDICTS,
+        ConnKey, ConnState, Direction, DnsEvent, DnsKind, DnsQueryKey, EndpointKey, EndpointStats,
+        HandshakeEvent, Health, TokenKey, Verdict, DNS_CAPTURE, DNS_PORT, DNS_RING_BYTES,
+        FAMILY_IPV4, HANDSHAKE_RING_BYTES, HEALTH_SLOTS, MAX_CONNECTIONS, MAX_DNS_QUERIES,
+        MAX_ENDPOINTS, MAX_PROBES, MAX_TOKENS, MAX_VERDICTS,
     },
-    packet::{parse_ethernet, tcp_flags, PacketBytes, Parsed, QuotedFlow, TcpSegment, UdpDatagram},
+    packet::{parse_ethernet, PacketBytes, Parsed, QuotedFlow, TcpSegment, UdpDatagram},
     rst::{self, PacketWrite, RST_HOPS},
     track::{self, Effects, Update, Way},
 };
@@ -50,6 +50,9 @@ static HANDSHAKES: RingBuf = RingBuf::with_byte_size(HANDSHAKE_RING_BYTES, 0);
 
 #[map]
 static DNS: RingBuf = RingBuf::with_byte_size(DNS_RING_BYTES, 0);
+
+#[map]
+static DNS_QUERIES: LruHashMap<DnsQueryKey, u8> = LruHashMap::with_max_entries(MAX_DNS_QUERIES, 0);
 
 #[map]
 static HEALTH: PerCpuArray<u64> = PerCpuArray::with_max_entries(HEALTH_SLOTS, 0);
@@ -153,15 +156,24 @@ pub fn resil_xdp_ingress(ctx: XdpContext) -> u32 {
         FRAME_UNREACHABLE => ingress_unreachable(&ctx, unsafe { &found.flow }),
         FRAME_UDP if unsafe { found.udp.src_port } == DNS_PORT => {
             let datagram = unsafe { &found.udp };
+            // Only answers to queries in flight: a flood of others cannot crowd them out.
+            if !answers_a_query(&ctx, datagram) {
+                return XDP_PASS;
+            }
             dns_event(datagram, Way::Ingress, |message, len| {
                 // SAFETY: `message` has room for DNS_CAPTURE bytes and 1 <= len <= DNS_CAPTURE.
-                unsafe {
+                let copied = unsafe {
                     bpf_xdp_load_bytes(
                         ctx.ctx,
                         datagram.payload_offset,
                         message as *mut c_void,
                         len as u32,
                     ) == 0
+                };
+                if copied {
+                    len as u16
+                } else {
+                    0
                 }
             });
         }
@@ -257,15 +269,15 @@ pub fn resil_tc_egress(ctx: TcContext) -> i32 {
         FRAME_UDP if unsafe { found.udp.dst_port } == DNS_PORT => {
             let datagram = unsafe { &found.udp };
             // A query: its id (the first two bytes) is all the daemon needs.
-            dns_event(datagram, Way::Egress, |message, len| {
-                let Ok(id) = ctx.load::<[u8; 2]>(datagram.payload_offset as usize) else {
-                    return false;
-                };
-                if len >= 2 {
-                    // SAFETY: `message` has room for DNS_CAPTURE >= 2 bytes.
-                    unsafe { core::ptr::write_unaligned(message as *mut [u8; 2], id) };
-                }
-                len >= 2
+            let Ok(id) = ctx.load::<[u8; 2]>(datagram.payload_offset as usize) else {
+                return TC_ACT_UNSPEC;
+            };
+            let key = dns_query_key(datagram, Way::Egress, id);
+            let _ = DNS_QUERIES.insert(&key, &1, 0);
+            dns_event(datagram, Way::Egress, |message, _| {
+                // SAFETY: `message` has room for DNS_CAPTURE >= 2 bytes.
+                unsafe { core::ptr::write_unaligned(message as *mut [u8; 2], id) };
+                2
             });
         }
         FRAME_MALFORMED => bump(Health::Malformed),
@@ -287,10 +299,47 @@ fn egress_tcp(ctx: &TcContext, segment: &TcpSegment) {
     apply(ctx, &key, conn, current.as_ref(), &effects);
 }
 
-/// Emits one DNS event for a datagram to or from port 53. `capture` copies `len` bytes of the
-/// message into the record (1 <= len <= DNS_CAPTURE) and says whether it could.
+/// Whether a SYN repeats one already let through: it belongs to that connection.
+#[inline(always)]
+fn repeats_admitted_syn(seg: &TcpSegment, way: Way) -> bool {
+    let key = track::conn_key(seg, way);
+    // SAFETY: a copy is taken at once.
+    let conn = unsafe { CONNECTIONS.get(&key).copied() };
+    track::repeats_opening_syn(conn.as_ref(), seg, way)
+}
+
+/// The in-flight key of a DNS message crossing `way` with message id `id`.
+#[inline(always)]
+fn dns_query_key(datagram: &UdpDatagram, way: Way, id: [u8; 2]) -> DnsQueryKey {
+    DnsQueryKey {
+        conn: track::flow_key(
+            datagram.family,
+            &datagram.src,
+            &datagram.dst,
+            datagram.src_port,
+            datagram.dst_port,
+            way,
+        ),
+        id: u16::from_be_bytes(id),
+        _pad: [0; 6],
+    }
+}
+
+/// Whether an arriving DNS message answers a query in flight (which it then settles).
 #[inline(never)]
-fn dns_event(datagram: &UdpDatagram, way: Way, capture: impl FnOnce(*mut u8, usize) -> bool) {
+fn answers_a_query(ctx: &XdpContext, datagram: &UdpDatagram) -> bool {
+    let Some(id) = Frame(ctx).read::<2>(datagram.payload_offset as usize) else {
+        return false;
+    };
+    DNS_QUERIES
+        .remove(&dns_query_key(datagram, Way::Ingress, id))
+        .is_ok()
+}
+
+/// Emits one DNS event for a datagram to or from port 53. `capture` copies at most `len` bytes
+/// of the message into the record (1 <= len <= DNS_CAPTURE) and returns how many it copied.
+#[inline(never)]
+fn dns_event(datagram: &UdpDatagram, way: Way, capture: impl FnOnce(*mut u8, usize) -> u16) {
     let Some(mut entry) = DNS.reserve::<DnsEvent>(0) else {
         bump(Health::DnsEventsLost);
         return;
@@ -319,8 +368,11 @@ fn dns_event(datagram: &UdpDatagram, way: Way, capture: impl FnOnce(*mut u8, usi
         (*event).kind = kind as u8;
         (*event)._pad = 0;
         (*event)._pad2 = [0; 4];
-        let captured = len > 0 && capture((*event).message.as_mut_ptr(), len);
-        (*event).len = if captured { len as u16 } else { 0 };
+        (*event).len = if len > 0 {
+            capture((*event).message.as_mut_ptr(), len)
+        } else {
+            0
+        };
     }
     entry.submit(0);
 }
@@ -330,14 +382,7 @@ fn dns_event(datagram: &UdpDatagram, way: Way, capture: impl FnOnce(*mut u8, usi
 /// XDP verdict if the frame was taken over.
 #[inline(never)]
 fn shed_syn(ctx: &XdpContext, seg: &TcpSegment) -> Option<u32> {
-    if seg.flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) != tcp_flags::SYN {
-        return None;
-    }
-    // A retransmission of a SYN already let through belongs to that connection.
-    let key = track::conn_key(seg, Way::Ingress);
-    // SAFETY: a copy is taken at once.
-    let conn = unsafe { CONNECTIONS.get(&key).copied() };
-    if conn.is_some_and(|c| c.phase == Phase::SynReceived as u32 && c.remote_isn == seg.seq) {
+    if !track::is_bare_syn(seg) || repeats_admitted_syn(seg, Way::Ingress) {
         return None;
     }
     let service = EndpointKey {
@@ -354,7 +399,13 @@ fn shed_syn(ctx: &XdpContext, seg: &TcpSegment) -> Option<u32> {
             count_enforcement(&service, false);
             return None;
         }
-        Decision::Allow | Decision::TakeToken { .. } => return None,
+        // A shed service being probed: one connection gets through.
+        Decision::TakeToken { generation, probes } => {
+            if take_token(&service, generation, probes) {
+                return None;
+            }
+        }
+        Decision::Allow => return None,
     }
     count_enforcement(&service, true);
     if seg.payload_len > 0 {
@@ -480,17 +531,9 @@ fn count_enforcement(endpoint: &EndpointKey, refused: bool) {
 /// its own namespace must not be checked, or counted, a second time on its way out.
 #[inline(never)]
 fn refuse_forwarded_syn(ctx: &TcContext, seg: &TcpSegment) -> Option<i32> {
-    let syn = seg.flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) == tcp_flags::SYN;
     // SAFETY: reading the context's socket pointer, which the verifier allows for TC.
     let local = unsafe { !(*ctx.skb.skb).__bindgen_anon_2.sk.is_null() };
-    if !syn || local {
-        return None;
-    }
-    // A retransmission of a SYN already let through belongs to that connection.
-    let key = track::conn_key(seg, Way::Egress);
-    // SAFETY: a copy is taken at once.
-    let conn = unsafe { CONNECTIONS.get(&key).copied() };
-    if conn.is_some_and(|c| c.phase == Phase::SynSent as u32 && c.local_isn == seg.seq) {
+    if !track::is_bare_syn(seg) || local || repeats_admitted_syn(seg, Way::Egress) {
         return None;
     }
     let endpoint = EndpointKey {

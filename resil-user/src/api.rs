@@ -120,6 +120,12 @@ pub struct EndpointStatus {
     pub resets_out: u64,
     pub syn_retransmits: u64,
     pub retransmits: u64,
+    /// Data segments on established connections, either direction.
+    #[serde(default)]
+    pub segments: u64,
+    /// Established connections that ended.
+    #[serde(default)]
+    pub closed: u64,
     pub fast_failed: u64,
     /// Connections a metrics-only policy would have refused.
     pub would_fast_fail: u64,
@@ -134,6 +140,9 @@ pub struct EndpointStatus {
     /// The endpoint's name: the dependency's, else from a recent DNS answer or /etc/hosts.
     #[serde(default)]
     pub name: Option<String>,
+    /// A local service whose new connections resil refuses at XDP (see `reason`).
+    #[serde(default)]
+    pub shedding: bool,
 }
 
 /// What a manual command did: each endpoint and its state afterwards.
@@ -169,6 +178,10 @@ pub struct EventsReport {
     pub events: Vec<crate::events::Sequenced>,
     /// Events after the one asked for that are no longer kept (the reader fell behind).
     pub lost: u64,
+    /// When the answering daemon started (Unix seconds): event numbers start again at 1 when
+    /// it changes.
+    #[serde(default)]
+    pub boot: f64,
 }
 
 /// Latency percentiles in microseconds.

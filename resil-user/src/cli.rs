@@ -209,12 +209,21 @@ const FOLLOW_EVERY: Duration = Duration::from_millis(250);
 
 fn events(args: &EventsArgs) -> Result<()> {
     let mut after = None;
+    let mut boot = None;
     let mut out = std::io::stdout().lock();
     loop {
         let report = match call(&args.client, Request::Events { after })? {
             Response::Events(report) => report,
             other => return unexpected(other),
         };
+        if boot.is_some_and(|b| b != report.boot) {
+            // A new daemon numbers its events from 1 again: start over with its history.
+            eprintln!("resil: the daemon restarted; its events follow");
+            boot = Some(report.boot);
+            after = None;
+            continue;
+        }
+        boot = Some(report.boot);
         if report.lost > 0 {
             eprintln!(
                 "resil: {} events were missed: the daemon keeps the last {}",
@@ -232,9 +241,6 @@ fn events(args: &EventsArgs) -> Result<()> {
         }
         if out.flush().is_err() || !args.follow {
             return Ok(());
-        }
-        if report.events.is_empty() && after.is_none() {
-            after = Some(0);
         }
         std::thread::sleep(FOLLOW_EVERY);
     }

@@ -4,7 +4,8 @@
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use resil_common::maps::{
-    names, ConnKey, ConnState, EndpointKey, EndpointStats, HandshakeEvent, Health, HEALTH_SLOTS,
+    names, ConnKey, ConnState, Direction, EndpointKey, EndpointStats, HandshakeEvent, Health,
+    Phase, HEALTH_SLOTS,
 };
 
 use crate::probes::Probes;
@@ -74,9 +75,20 @@ impl Collector {
         self.endpoint_entries = entries;
     }
 
-    /// Entries in the connection map (a walk over its keys: call it rarely).
-    pub fn count_connections(&self) -> u64 {
-        self.connections.keys().flatten().count() as u64
+    /// Entries in the connection map, and the established inbound connections per local
+    /// service among them (a walk over the whole map: call it rarely).
+    pub fn connection_census(&self) -> (u64, std::collections::HashMap<EndpointKey, u64>) {
+        let mut entries = 0;
+        let mut open = std::collections::HashMap::new();
+        for (key, state) in self.connections.iter().flatten() {
+            entries += 1;
+            if state.direction == Direction::Inbound as u8
+                && state.phase == Phase::Established as u32
+            {
+                *open.entry(key.endpoint(Direction::Inbound)).or_insert(0) += 1;
+            }
+        }
+        (entries, open)
     }
 
     /// What a health counter has counted in all, as of the last [`Collector::health_increases`].
@@ -109,13 +121,21 @@ impl Collector {
     }
 }
 
-/// Drains every record waiting in a ring buffer, decoding each with `decode`.
+/// Records taken from a ring buffer at once, at most: the agent loop must get back to its
+/// other work (the next tick or wake-up takes the rest).
+const DRAIN_AT_ONCE: usize = 65_536;
+
+/// Drains the records waiting in a ring buffer (up to [`DRAIN_AT_ONCE`]), decoding each with
+/// `decode`.
 pub fn drain<T>(
     ring: &mut RingBuf<MapData>,
     decode: impl Fn(&[u8]) -> Option<T>,
     mut f: impl FnMut(T),
 ) {
-    while let Some(item) = ring.next() {
+    for _ in 0..DRAIN_AT_ONCE {
+        let Some(item) = ring.next() else {
+            return;
+        };
         if let Some(event) = decode(&item) {
             f(event);
         }

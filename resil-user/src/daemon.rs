@@ -2,7 +2,7 @@
 //! time out unanswered handshakes and answer the local API, until SIGINT or SIGTERM.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     net::SocketAddr,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
@@ -52,7 +52,7 @@ use crate::{
     output::display_name,
     probes::{Probes, XdpMode},
     resolvers::{self, DnsCounts, Resolvers},
-    services::{self, ShedReason},
+    services::{self, ShedChange, ShedVerdict, Shedder},
 };
 
 /// Handshakes the daemon follows at once, at most.
@@ -180,13 +180,17 @@ struct Agent {
     /// When the findings were last assessed.
     assessed_ns: u64,
     /// Local services being shed, and why.
-    shedding: HashMap<EndpointKey, ShedReason>,
+    shedding: Shedder<EndpointKey>,
     /// How long ticks take.
     tick_durations: Histogram,
     /// Entries in the kernel's connection map, counted now and then.
     connection_entries: u64,
     /// When they were last counted.
     connections_counted_ns: u64,
+    /// Endpoints exported one by one in the last scrape.
+    exported: HashSet<String>,
+    /// When the daemon started (Unix seconds).
+    boot: f64,
 }
 
 impl Agent {
@@ -205,57 +209,88 @@ impl Agent {
             findings: Findings::default(),
             events: EventLog::default(),
             assessed_ns: 0,
-            shedding: HashMap::new(),
+            shedding: Shedder::default(),
             tick_durations: Histogram::default(),
             connection_entries: 0,
             connections_counted_ns: 0,
+            exported: HashSet::new(),
+            boot: unix_now(),
         }
     }
 
     /// Which local services to shed now: over their connection limit, or unhealthy where the
-    /// configuration asks for it. Changes are logged and go to the event stream.
-    fn decide_shedding(&mut self) {
-        if self.config.services.is_empty() && self.shedding.is_empty() {
+    /// configuration asks for it (held, then probed one connection at a time until one
+    /// succeeds). Changes are logged and go to the event stream.
+    fn decide_shedding(&mut self, now: u64) {
+        if self.config.services.is_empty() && self.shedding.keys().next().is_none() {
             return;
         }
-        let mut now_shed = HashMap::new();
-        for key in self.endpoints.services() {
-            let addr = socket_addr(key);
-            let Some(rule) = services::rule_for(&self.config.services, &addr) else {
-                continue;
-            };
+        let mut keys: HashSet<EndpointKey> = self.endpoints.services().copied().collect();
+        keys.extend(self.shedding.keys().copied());
+        for key in keys {
+            let addr = socket_addr(&key);
+            let rule = services::rule_for(&self.config.services, &addr);
+            let endpoint = addr.to_string();
             let unhealthy = self
                 .findings
-                .about(Domain::Internal, &addr.to_string())
-                .map(|f| f.summary.as_str());
-            let open = self.endpoints.open_connections(key);
-            if let Some(reason) = services::decide(rule, open, unhealthy) {
-                now_shed.insert(*key, reason);
+                .about(Domain::Internal, &endpoint)
+                .find(|f| f.rule != findings::LOSING_SYNS)
+                .map(|f| f.summary.clone());
+            let change = self.shedding.step(
+                key,
+                rule,
+                self.endpoints.open_connections(&key),
+                self.endpoints.service_counters(&key),
+                unhealthy.as_deref(),
+                now,
+            );
+            let service = match rule.and_then(|r| r.name.as_deref()) {
+                Some(name) => format!("{name} ({endpoint})"),
+                None => endpoint.clone(),
+            };
+            match change {
+                Some(ShedChange::Started(reason)) => {
+                    warn!("shedding local service {service}: {reason}");
+                    let event = Event::SheddingStarted(Shedding {
+                        service,
+                        reason: reason.to_string(),
+                    });
+                    self.events.push(unix_now(), event);
+                }
+                Some(ShedChange::Ended { reason, recovered }) => {
+                    info!("no longer shedding local service {service}");
+                    let event = Event::SheddingEnded(Shedding {
+                        service,
+                        reason: reason.to_string(),
+                    });
+                    self.events.push(unix_now(), event);
+                    if recovered {
+                        // A probe connection was accepted: what happened before no longer
+                        // describes the service.
+                        self.endpoints.forget_lately(&key, now);
+                        for change in self.findings.end_about(Domain::Internal, &endpoint) {
+                            self.note_finding(change);
+                        }
+                    }
+                }
+                None => {}
             }
         }
-        for (key, reason) in &now_shed {
-            if !self.shedding.contains_key(key) {
-                let service = socket_addr(key).to_string();
-                warn!("shedding local service {service}: {reason}");
-                let event = Event::SheddingStarted(Shedding {
-                    service,
-                    reason: reason.to_string(),
-                });
-                self.events.push(unix_now(), event);
+    }
+
+    /// Logs a finding's start or end and puts it in the event stream.
+    fn note_finding(&mut self, change: Change) {
+        let event = match change {
+            Change::Started(f) => {
+                warn!("{}: {}", f.domain.title(), f.summary);
+                Event::FindingStarted(f)
             }
-        }
-        for (key, reason) in &self.shedding {
-            if !now_shed.contains_key(key) {
-                let service = socket_addr(key).to_string();
-                info!("no longer shedding local service {service}");
-                let event = Event::SheddingEnded(Shedding {
-                    service,
-                    reason: reason.to_string(),
-                });
-                self.events.push(unix_now(), event);
+            Change::Ended(f) => {
+                info!("{}: cleared: {}", f.domain.title(), f.subject);
+                Event::FindingEnded(f)
             }
-        }
-        self.shedding = now_shed;
+        };
+        self.events.push(unix_now(), event);
     }
 
     /// What a scrape exports.
@@ -280,11 +315,15 @@ impl Agent {
                     latency: *latency,
                     state: circuit.map(|c| c.breaker.reported_state()),
                     failure_rate: circuit.and_then(|c| c.breaker.failure_rate(now)),
-                    shedding: self.shedding.contains_key(key),
+                    shedding: self.shedding.reason(key).is_some(),
                 }
             })
             .collect();
-        let aggregated = metrics::cap_endpoints(&mut endpoints, self.config.metrics_max_endpoints);
+        let aggregated = metrics::cap_endpoints(
+            &mut endpoints,
+            self.config.metrics_max_endpoints,
+            &mut self.exported,
+        );
         let resolvers = self
             .resolvers
             .iter()
@@ -382,12 +421,14 @@ impl Agent {
                     addr,
                     side: side_of(&l.key),
                     display: display_name(&addr.to_string(), self.name_of(&l.key, now).as_deref()),
+                    host_name: self.names.lookup(&addr.ip(), now).map(str::to_string),
                     recent: l.recent,
                     timeouts: l.timeouts,
                     window_s: l.window_s,
                     breaker,
                     latency: l.latency,
-                    shedding: false,
+                    last_failure: l.last_failure,
+                    ever_established: l.ever_established,
                 }
             })
             .collect();
@@ -402,24 +443,29 @@ impl Agent {
             .filter(|r| r.recent != DnsCounts::default())
             .collect();
         let detected = findings::classify(&observed, &resolvers);
+        // Evidence cannot come while traffic is kept away: findings about endpoints whose
+        // circuit holds them failed, and about local services being shed, last until the
+        // circuit or the shedding's own probes say otherwise.
         let failing: HashSet<String> = self
             .circuits
             .failing()
             .map(|key| socket_addr(key).to_string())
             .collect();
-        let held = |f: &Finding| f.endpoints.iter().any(|e| failing.contains(e));
-        for change in self.findings.update(detected, held, unix_now()) {
-            let event = match change {
-                Change::Started(f) => {
-                    warn!("{}: {}", f.domain.title(), f.summary);
-                    Event::FindingStarted(f)
-                }
-                Change::Ended(f) => {
-                    info!("{}: cleared: {}", f.domain.title(), f.subject);
-                    Event::FindingEnded(f)
-                }
+        let shed: HashSet<String> = self
+            .shedding
+            .keys()
+            .map(|key| socket_addr(key).to_string())
+            .collect();
+        let held = |f: &Finding| {
+            let by = if f.domain == Domain::Internal {
+                &shed
+            } else {
+                &failing
             };
-            self.events.push(unix_now(), event);
+            f.endpoints.iter().any(|e| by.contains(e))
+        };
+        for change in self.findings.update(detected, held, unix_now()) {
+            self.note_finding(change);
         }
     }
 
@@ -483,7 +529,9 @@ impl Agent {
         let now = monotonic_ns();
         if now.saturating_sub(self.connections_counted_ns) >= COUNT_CONNECTIONS_EVERY_NS {
             self.connections_counted_ns = now;
-            self.connection_entries = collector.count_connections();
+            let (entries, open) = collector.connection_census();
+            self.connection_entries = entries;
+            self.endpoints.census(&open);
         }
         for (conn, ticket) in self.handshakes.expire(now) {
             let endpoint = conn.endpoint(Direction::Outbound);
@@ -502,7 +550,7 @@ impl Agent {
         if now.saturating_sub(self.assessed_ns) >= ASSESS_EVERY_NS {
             self.assess(now);
         }
-        self.decide_shedding();
+        self.decide_shedding(now);
         self.enforce(now);
         self.endpoints.end_tick();
         let overflowed = self.handshakes.overflowed;
@@ -537,7 +585,16 @@ impl Agent {
     /// Writes the circuits' verdicts into the kernel, refreshing their expiry.
     fn enforce(&mut self, now: u64) {
         let mut desired = self.circuits.desired();
-        desired.extend(self.shedding.keys().map(|key| (*key, Desired::Refuse)));
+        desired.extend(self.shedding.verdicts().map(|(key, verdict)| {
+            let want = match verdict {
+                ShedVerdict::Refuse => Desired::Refuse,
+                ShedVerdict::Probe { generation } => Desired::Probe {
+                    generation,
+                    probes: 1,
+                },
+            };
+            (*key, want)
+        }));
         self.enforcer.sync(now, &desired);
     }
 
@@ -631,7 +688,11 @@ impl Agent {
             }),
             Request::Events { after } => {
                 let (events, lost) = self.events.after(after);
-                Response::Events(EventsReport { events, lost })
+                Response::Events(EventsReport {
+                    events,
+                    lost,
+                    boot: self.boot,
+                })
             }
             Request::Report => Response::Report(FindingsReport {
                 findings: self.findings.current(),
@@ -652,8 +713,8 @@ impl Agent {
                     status.dependency = circuit.dependency.clone();
                 }
                 status.name = self.name_of(&key, now);
-                if let Some(reason) = self.shedding.get(&key) {
-                    status.state = "shedding".to_string();
+                if let Some(reason) = self.shedding.reason(&key) {
+                    status.shedding = true;
                     status.reason = Some(reason.to_string());
                 }
                 status

@@ -23,6 +23,7 @@ use resil_common::{
 
 use crate::{
     api::{EndpointStatus, Latency, Side},
+    breaker::FailureKind,
     findings::LatencyShift,
     recent::Recent,
 };
@@ -48,6 +49,10 @@ pub struct Lately {
     pub window_s: f64,
     /// Handshake latency over the window against before it.
     pub latency: Option<LatencyShift>,
+    /// The kind of the last failure seen, ever.
+    pub last_failure: Option<FailureKind>,
+    /// Whether any connection to it ever completed.
+    pub ever_established: bool,
 }
 
 /// Figures of one endpoint.
@@ -65,6 +70,11 @@ struct Endpoint {
     last_change: u64,
     /// Snapshots for "lately".
     recent: Recent<Snapshot>,
+    /// The kind of the last failure seen.
+    last_failure: Option<FailureKind>,
+    /// Connections counted open (established − closed) that the kernel's connection table
+    /// no longer holds, as of the last census: they ended unseen or were evicted.
+    open_drift: u64,
 }
 
 impl Endpoint {
@@ -76,7 +86,16 @@ impl Endpoint {
             latency: Histogram::default(),
             last_change: 0,
             recent: Recent::new(Snapshot::default(), now_ns),
+            last_failure: None,
+            open_drift: 0,
         }
+    }
+
+    fn open(&self) -> u64 {
+        self.total
+            .established
+            .saturating_sub(self.total.closed)
+            .saturating_sub(self.open_drift)
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -129,8 +148,30 @@ impl EndpointTable {
     pub fn roll(&mut self, now_ns: u64, span_ns: u64) {
         self.clock_ns = now_ns;
         for e in self.endpoints.values_mut() {
-            let snapshot = e.snapshot();
-            e.recent.roll(&snapshot, now_ns, span_ns);
+            if e.recent.due(now_ns, span_ns) {
+                let snapshot = e.snapshot();
+                e.recent.roll(&snapshot, now_ns, span_ns);
+            }
+        }
+    }
+
+    /// Starts an endpoint's "lately" afresh from now: what came before no longer counts (a
+    /// service seen to recover).
+    pub fn forget_lately(&mut self, key: &EndpointKey, now_ns: u64) {
+        if let Some(e) = self.endpoints.get_mut(key) {
+            e.recent = Recent::new(e.snapshot(), now_ns);
+        }
+    }
+
+    /// Takes in the kernel's count of open inbound connections per local service (from its
+    /// connection table); services absent from it have none.
+    pub fn census(&mut self, open: &std::collections::HashMap<EndpointKey, u64>) {
+        for (key, e) in &mut self.endpoints {
+            if key.direction != Direction::Inbound as u8 {
+                continue;
+            }
+            let counted = e.total.established.saturating_sub(e.total.closed);
+            e.open_drift = counted.saturating_sub(open.get(key).copied().unwrap_or(0));
         }
     }
 
@@ -163,6 +204,8 @@ impl EndpointTable {
                 timeouts,
                 window_s: e.recent.covers_s(now_ns),
                 latency,
+                last_failure: e.last_failure,
+                ever_established: e.total.established > 0,
             });
         }
         out
@@ -185,9 +228,17 @@ impl EndpointTable {
     /// Connections to a local service open now, as far as the kernel saw them complete and
     /// end (one evicted from its connection table before it ended stays counted).
     pub fn open_connections(&self, key: &EndpointKey) -> u64 {
-        self.endpoints
-            .get(key)
-            .map_or(0, |e| e.total.established.saturating_sub(e.total.closed))
+        self.endpoints.get(key).map_or(0, Endpoint::open)
+    }
+
+    /// A local service's connections accepted, and refused or reset by it, in all.
+    pub fn service_counters(&self, key: &EndpointKey) -> crate::services::ServiceCounters {
+        self.endpoints.get(key).map_or_else(Default::default, |e| {
+            crate::services::ServiceCounters {
+                established: e.total.established,
+                failed: e.total.refused + e.total.resets_out,
+            }
+        })
     }
 
     /// Ends a tick: past capacity, forgets the endpoints idle the longest (a tenth of the
@@ -237,7 +288,15 @@ impl EndpointTable {
         } else {
             &e.last
         };
-        e.total.add(&now.since(l));
+        let delta = now.since(l);
+        if delta.refused > 0 {
+            e.last_failure = Some(FailureKind::Refused);
+        } else if delta.unreachable > 0 {
+            e.last_failure = Some(FailureKind::Unreachable);
+        } else if delta.resets_in > 0 {
+            e.last_failure = Some(FailureKind::Reset);
+        }
+        e.total.add(&delta);
         e.last = *now;
     }
 
@@ -247,6 +306,7 @@ impl EndpointTable {
         let tick = self.tick;
         let e = self.entry(key);
         e.timeouts += 1;
+        e.last_failure = Some(FailureKind::Timeout);
         e.last_change = tick;
     }
 
@@ -318,6 +378,8 @@ fn status_of(key: &EndpointKey, e: &Endpoint) -> EndpointStatus {
         resets_out: t.resets_out,
         syn_retransmits: t.syn_retransmits,
         retransmits: t.retransmits,
+        segments: t.segments,
+        closed: t.closed,
         fast_failed: t.fast_failed,
         would_fast_fail: t.would_fast_fail,
         failure_rate: None,
@@ -325,6 +387,7 @@ fn status_of(key: &EndpointKey, e: &Endpoint) -> EndpointStatus {
         reason: None,
         dependency: None,
         name: None,
+        shedding: false,
     }
 }
 
@@ -453,7 +516,27 @@ mod tests {
             shift.recent_p99_us > 100_000.0 && shift.baseline_p50_us < 1_000.0,
             "{shift:?}"
         );
+        assert_eq!(l.last_failure, Some(FailureKind::Timeout));
+        assert!(l.ever_established);
         assert_eq!(table.open_connections(&k), 100);
+        // The kernel's table holds 40 of them: the other 60 ended unseen.
+        let open = std::collections::HashMap::from([(k, 40)]);
+        let inbound = EndpointKey {
+            direction: Direction::Inbound as u8,
+            ..k
+        };
+        table.absorb(inbound, &raw);
+        table.census(&open);
+        assert_eq!(
+            table.open_connections(&inbound),
+            0,
+            "absent from the census: none open"
+        );
+        assert_eq!(
+            table.open_connections(&k),
+            100,
+            "outbound endpoints are not censused"
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::{
 use resil_common::maps::EndpointStats;
 use serde::{Deserialize, Serialize};
 
-use crate::{api::Side, resolvers::DnsCounts};
+use crate::{api::Side, breaker::FailureKind, resolvers::DnsCounts};
 
 /// Fewest failures in the recent window that make a finding.
 pub const MIN_FAILURES: u64 = 3;
@@ -29,8 +29,10 @@ pub const RESET_SHARE: f64 = 0.2;
 /// Share of attempts whose SYN (or SYN-ACK) went out again that makes a path lossy, or a local
 /// listen queue overflowing.
 pub const SYN_RETRANSMIT_SHARE: f64 = 0.2;
-/// Share of data segments retransmitted that makes a path lossy.
-pub const RETRANSMIT_SHARE: f64 = 0.05;
+/// Share of data segments retransmitted that makes a path lossy (a healthy path stays well
+/// under 1 %; a retransmission can carry several lost segments at once, so the share reads
+/// low).
+pub const RETRANSMIT_SHARE: f64 = 0.02;
 /// Fewest data segments for a retransmission share to mean anything.
 pub const MIN_SEGMENTS: u64 = 20;
 /// A recent p99 handshake this many times the endpoint's baseline median is slow …
@@ -118,6 +120,9 @@ pub struct Evidence {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Finding {
     pub domain: Domain,
+    /// Which rule found it: `host_down`, `refusing`, `resetting`, `silent`, `syn_loss`,
+    /// `retransmits`, `latency`, `losing_syns`, `dns`.
+    pub rule: String,
     /// What is unhealthy: `host 10.0.3.7`, `postgres (10.0.3.7:5432)`, `local service
     /// 10.0.0.2:8080`, `resolver 10.0.0.53:53`.
     pub subject: String,
@@ -160,6 +165,8 @@ pub struct Observed {
     pub side: Side,
     /// `name (address)` or the address.
     pub display: String,
+    /// The host's own name (DNS, /etc/hosts), for host-level findings.
+    pub host_name: Option<String>,
     /// Counters gained over the recent window.
     pub recent: EndpointStats,
     /// Handshakes timed out over the recent window.
@@ -167,8 +174,11 @@ pub struct Observed {
     pub window_s: f64,
     pub breaker: Option<BreakerView>,
     pub latency: Option<LatencyShift>,
-    /// A local service resil is shedding.
-    pub shedding: bool,
+    /// The kind of the last failure seen, ever.
+    pub last_failure: Option<FailureKind>,
+    /// Whether a connection to it ever completed (a port nobody ever served is not a
+    /// service: scanners knock on closed ports all day).
+    pub ever_established: bool,
 }
 
 /// What one resolver did lately.
@@ -212,24 +222,37 @@ fn millis(us: f64) -> String {
     }
 }
 
-fn detected(
-    key: String,
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn side_word(side: Side) -> &'static str {
+    match side {
+        Side::Outbound => "outbound",
+        Side::Inbound => "inbound",
+    }
+}
+
+/// A finding about one endpoint or local service.
+fn about(
+    o: &Observed,
     domain: Domain,
+    rule: &str,
     subject: String,
     summary: String,
-    o: Option<&Observed>,
     severity: f64,
     evidence: Evidence,
 ) -> Detected {
     Detected {
-        key,
+        key: format!("{rule}/{}/{}", side_word(o.side), o.addr),
         finding: Finding {
             domain,
+            rule: rule.to_string(),
             subject,
             summary,
             since: 0.0,
             severity,
-            endpoints: o.map(|o| vec![o.addr.to_string()]).unwrap_or_default(),
+            endpoints: vec![o.addr.to_string()],
             evidence,
         },
     }
@@ -237,7 +260,7 @@ fn detected(
 
 fn base_evidence(o: &Observed) -> Evidence {
     Evidence {
-        window_s: (o.window_s * 10.0).round() / 10.0,
+        window_s: round1(o.window_s),
         attempts: Some(o.recent.attempts),
         breaker: o.breaker.as_ref().map(|b| match &b.reason {
             Some(reason) => format!("{}: {reason}", b.state),
@@ -257,12 +280,16 @@ fn unanswered(o: &Observed) -> u64 {
     o.timeouts + o.recent.unreachable
 }
 
-/// Whether an outbound endpoint looks dead: unanswered handshakes and no answer, or an open
-/// breaker with no traffic since to say otherwise.
+/// Whether an outbound endpoint looks dead: unanswered handshakes and no answer, or a breaker
+/// that opened on silence (timeouts, unreachable) with no traffic since to say otherwise.
 fn silent(o: &Observed) -> bool {
-    !answered(o)
-        && (unanswered(o) > 0
-            || o.breaker.as_ref().is_some_and(|b| b.failing) && o.recent.attempts == 0)
+    let opened_on_silence = o.breaker.as_ref().is_some_and(|b| b.failing)
+        && o.recent.attempts == 0
+        && matches!(
+            o.last_failure,
+            Some(FailureKind::Timeout | FailureKind::Unreachable)
+        );
+    !answered(o) && (unanswered(o) > 0 || opened_on_silence)
 }
 
 /// Classifies what every endpoint, local service and resolver did lately.
@@ -277,7 +304,7 @@ pub fn classify(observed: &[Observed], resolvers: &[ObservedResolver]) -> Vec<De
     }
     for (ip, ports) in &hosts {
         let host_answers = ports.iter().any(|o| answered(o));
-        let dead: Vec<&&Observed> = ports.iter().filter(|o| silent(o)).collect();
+        let dead: Vec<&Observed> = ports.iter().copied().filter(|o| silent(o)).collect();
         let failures: u64 = dead.iter().map(|o| unanswered(o)).sum();
         let held = dead
             .iter()
@@ -297,7 +324,11 @@ pub fn classify(observed: &[Observed], resolvers: &[ObservedResolver]) -> Vec<De
     found
 }
 
-fn host_down(ip: IpAddr, dead: &[&&Observed], found: &mut Vec<Detected>) {
+fn host_down(ip: IpAddr, dead: &[&Observed], found: &mut Vec<Detected>) {
+    let host = match dead.iter().find_map(|o| o.host_name.as_deref()) {
+        Some(name) => format!("host {name} ({ip})"),
+        None => format!("host {ip}"),
+    };
     let timeouts: u64 = dead.iter().map(|o| o.timeouts).sum();
     let unreachable: u64 = dead.iter().map(|o| o.recent.unreachable).sum();
     let attempts: u64 = dead.iter().map(|o| o.recent.attempts).sum();
@@ -319,14 +350,14 @@ fn host_down(ip: IpAddr, dead: &[&&Observed], found: &mut Vec<Detected>) {
     };
     let summary = if timeouts + unreachable > 0 {
         format!(
-            "host {ip} is not answering: {} handshakes on {port_words} got no answer ({timeouts} timed out, {unreachable} ICMP unreachable), none answered",
+            "{host} is not answering: {} handshakes on {port_words} got no answer ({timeouts} timed out, {unreachable} ICMP unreachable), none answered",
             timeouts + unreachable
         )
     } else {
-        format!("host {ip} is not answering on {port_words}; its circuits are open and connections fail fast")
+        format!("{host} is not answering on {port_words}; its circuits are open and connections fail fast")
     };
     let evidence = Evidence {
-        window_s: (window_s * 10.0).round() / 10.0,
+        window_s: round1(window_s),
         ports: Some(ports),
         attempts: Some(attempts),
         timeouts: Some(timeouts),
@@ -335,17 +366,19 @@ fn host_down(ip: IpAddr, dead: &[&&Observed], found: &mut Vec<Detected>) {
         breaker: (!breakers.is_empty()).then(|| breakers.join(", ")),
         ..Evidence::default()
     };
-    let mut d = detected(
-        format!("host_down/{ip}"),
-        Domain::HostDown,
-        format!("host {ip}"),
-        summary,
-        None,
-        1.0,
-        evidence,
-    );
-    d.finding.endpoints = dead.iter().map(|o| o.addr.to_string()).collect();
-    found.push(d);
+    found.push(Detected {
+        key: format!("host_down/{ip}"),
+        finding: Finding {
+            domain: Domain::HostDown,
+            rule: "host_down".into(),
+            subject: host,
+            summary,
+            since: 0.0,
+            severity: 1.0,
+            endpoints: dead.iter().map(|o| o.addr.to_string()).collect(),
+            evidence,
+        },
+    });
 }
 
 fn dependency(o: &Observed, host_answers: bool, found: &mut Vec<Detected>) {
@@ -362,12 +395,12 @@ fn dependency(o: &Observed, host_answers: bool, found: &mut Vec<Detected>) {
             established: Some(r.established),
             ..base_evidence(o)
         };
-        found.push(detected(
-            format!("dependency/{}/refusing", o.addr),
+        found.push(about(
+            o,
             Domain::Dependency,
+            "refusing",
             o.display.clone(),
             summary,
-            Some(o),
             refused_share,
             evidence,
         ));
@@ -384,12 +417,12 @@ fn dependency(o: &Observed, host_answers: bool, found: &mut Vec<Detected>) {
             established: Some(r.established),
             ..base_evidence(o)
         };
-        found.push(detected(
-            format!("dependency/{}/resetting", o.addr),
+        found.push(about(
+            o,
             Domain::Dependency,
+            "resetting",
             o.display.clone(),
             summary,
-            Some(o),
             reset_share,
             evidence,
         ));
@@ -405,12 +438,12 @@ fn dependency(o: &Observed, host_answers: bool, found: &mut Vec<Detected>) {
             unreachable: Some(r.unreachable),
             ..base_evidence(o)
         };
-        found.push(detected(
-            format!("dependency/{}/silent", o.addr),
+        found.push(about(
+            o,
             Domain::Dependency,
+            "silent",
             o.display.clone(),
             summary,
-            Some(o),
             1.0,
             evidence,
         ));
@@ -439,12 +472,12 @@ fn communication(o: &Observed, found: &mut Vec<Detected>) {
             established: Some(r.established),
             ..base_evidence(o)
         };
-        found.push(detected(
-            format!("communication/{}/syn_loss", o.addr),
+        found.push(about(
+            o,
             Domain::Communication,
+            "syn_loss",
             subject.clone(),
             summary,
-            Some(o),
             syn_share,
             evidence,
         ));
@@ -462,12 +495,12 @@ fn communication(o: &Observed, found: &mut Vec<Detected>) {
             segments: Some(r.segments),
             ..base_evidence(o)
         };
-        found.push(detected(
-            format!("communication/{}/retransmits", o.addr),
+        found.push(about(
+            o,
             Domain::Communication,
+            "retransmits",
             subject.clone(),
             summary,
-            Some(o),
             rtx_share,
             evidence,
         ));
@@ -489,12 +522,12 @@ fn communication(o: &Observed, found: &mut Vec<Detected>) {
                 ..base_evidence(o)
             };
             let severity = (1.0 - l.baseline_p50_us / l.recent_p99_us).clamp(0.0, 1.0);
-            found.push(detected(
-                format!("communication/{}/latency", o.addr),
+            found.push(about(
+                o,
                 Domain::Communication,
+                "latency",
                 subject,
                 summary,
-                Some(o),
                 severity,
                 evidence,
             ));
@@ -507,7 +540,7 @@ fn internal(o: &Observed, found: &mut Vec<Detected>) {
     let subject = format!("local service {}", o.display);
     let shed = (r.fast_failed > 0).then_some(r.fast_failed);
     let refused_share = share(r.refused, r.attempts);
-    if r.refused >= MIN_FAILURES && refused_share >= REFUSAL_SHARE {
+    if o.ever_established && r.refused >= MIN_FAILURES && refused_share >= REFUSAL_SHARE {
         let summary = format!(
             "{subject} refusing inbound connections: {} of {} attempts in the last {:.0} s (is its process running and listening?)",
             r.refused, r.attempts, o.window_s
@@ -518,12 +551,12 @@ fn internal(o: &Observed, found: &mut Vec<Detected>) {
             shed,
             ..base_evidence(o)
         };
-        found.push(detected(
-            format!("internal/{}/refusing", o.addr),
+        found.push(about(
+            o,
             Domain::Internal,
+            "refusing",
             subject.clone(),
             summary,
-            Some(o),
             refused_share,
             evidence,
         ));
@@ -541,24 +574,28 @@ fn internal(o: &Observed, found: &mut Vec<Detected>) {
             shed,
             ..base_evidence(o)
         };
-        found.push(detected(
-            format!("internal/{}/resetting", o.addr),
+        found.push(about(
+            o,
             Domain::Internal,
+            "resetting",
             subject.clone(),
             summary,
-            Some(o),
             reset_share,
             evidence,
         ));
     }
+    // Attempts that never completed, with their SYNs or SYN-ACKs sent again: a listen queue
+    // that drops, or clients that never answer (a SYN flood looks the same, and is worth
+    // knowing about too; it is never a reason to shed).
+    let stalled = r.attempts.saturating_sub(r.established);
     let syn_share = share(r.syn_retransmits, r.attempts);
-    if r.syn_retransmits >= MIN_FAILURES
+    if stalled >= MIN_FAILURES
+        && r.syn_retransmits >= MIN_FAILURES
         && syn_share >= SYN_RETRANSMIT_SHARE
-        && r.established < r.attempts
     {
         let summary = format!(
-            "{subject} losing connection attempts: {} SYN or SYN-ACK retransmissions for {} attempts, {} established in the last {:.0} s (listen queue full?)",
-            r.syn_retransmits, r.attempts, r.established, o.window_s
+            "{subject} losing connection attempts: {} of {} never completed, {} SYN or SYN-ACK retransmissions in the last {:.0} s (listen queue full, or a SYN flood?)",
+            stalled, r.attempts, r.syn_retransmits, o.window_s
         );
         let evidence = Evidence {
             rate: Some(syn_share),
@@ -567,18 +604,22 @@ fn internal(o: &Observed, found: &mut Vec<Detected>) {
             shed,
             ..base_evidence(o)
         };
-        found.push(detected(
-            format!("internal/{}/losing_syns", o.addr),
+        found.push(about(
+            o,
             Domain::Internal,
+            LOSING_SYNS,
             subject,
             summary,
-            Some(o),
             syn_share,
             evidence,
         ));
     }
     communication(o, found);
 }
+
+/// The rule name of a local service losing connection attempts: it can be caused from outside
+/// (spoofed SYNs), so it never makes a service shed.
+pub const LOSING_SYNS: &str = "losing_syns";
 
 fn resolver(r: &ObservedResolver, found: &mut Vec<Detected>) {
     let c = &r.recent;
@@ -591,7 +632,7 @@ fn resolver(r: &ObservedResolver, found: &mut Vec<Detected>) {
             c.timeouts, c.queries, c.servfail, r.window_s
         );
         let evidence = Evidence {
-            window_s: (r.window_s * 10.0).round() / 10.0,
+            window_s: round1(r.window_s),
             rate: Some(failed_share),
             queries: Some(c.queries),
             timeouts: Some(c.timeouts),
@@ -599,17 +640,19 @@ fn resolver(r: &ObservedResolver, found: &mut Vec<Detected>) {
             nxdomain: Some(c.nxdomain),
             ..Evidence::default()
         };
-        let mut d = detected(
-            format!("communication/{}/dns", r.addr),
-            Domain::Communication,
-            subject,
-            summary,
-            None,
-            failed_share,
-            evidence,
-        );
-        d.finding.endpoints = vec![r.addr.to_string()];
-        found.push(d);
+        found.push(Detected {
+            key: format!("dns/{}", r.addr),
+            finding: Finding {
+                domain: Domain::Communication,
+                rule: "dns".into(),
+                subject,
+                summary,
+                since: 0.0,
+                severity: failed_share,
+                endpoints: vec![r.addr.to_string()],
+                evidence,
+            },
+        });
     }
 }
 
@@ -675,11 +718,30 @@ impl Findings {
         all
     }
 
-    /// A finding in force of `domain` about `endpoint`, if any.
-    pub fn about(&self, domain: Domain, endpoint: &str) -> Option<&Finding> {
+    /// The findings in force of `domain` about `endpoint`.
+    pub fn about<'a>(
+        &'a self,
+        domain: Domain,
+        endpoint: &'a str,
+    ) -> impl Iterator<Item = &'a Finding> {
         self.active
             .values()
-            .find(|f| f.domain == domain && f.endpoints.iter().any(|e| e == endpoint))
+            .filter(move |f| f.domain == domain && f.endpoints.iter().any(|e| e == endpoint))
+    }
+
+    /// Ends the findings of `domain` about `endpoint` now (the agent saw it recover).
+    pub fn end_about(&mut self, domain: Domain, endpoint: &str) -> Vec<Change> {
+        let ended: Vec<String> = self
+            .active
+            .iter()
+            .filter(|(_, f)| f.domain == domain && f.endpoints.iter().any(|e| e == endpoint))
+            .map(|(k, _)| k.clone())
+            .collect();
+        ended
+            .into_iter()
+            .filter_map(|k| self.active.remove(&k))
+            .map(Change::Ended)
+            .collect()
     }
 
     /// Number of findings in force per domain.

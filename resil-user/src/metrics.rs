@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{body::Incoming, header, server::conn::http1, service::service_fn, Method, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
@@ -31,8 +31,8 @@ use crate::{findings::Domain, resolvers::DnsCounts};
 pub const DEFAULT_ADDR: &str = "127.0.0.1:9464";
 /// How long a scrape waits for the agent loop.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Upper bounds of the exported latency buckets, in microseconds: powers of four, where the
-/// daemon's own buckets end, so the counts are exact.
+/// Ends of the exported latency buckets, in microseconds: powers of four, where the daemon's
+/// own buckets end, so the counts are exact (exported as `le` = the bound less 1 µs).
 const BUCKET_BOUNDS_US: [f64; 11] = [
     4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0,
 ];
@@ -116,20 +116,43 @@ pub struct Snapshot {
     pub health: DaemonHealth,
 }
 
-/// Keeps the `max` busiest endpoints (by attempts, then established connections) and sums
-/// the others per direction into `endpoint="other"`. Returns how many were summed.
-pub fn cap_endpoints(endpoints: &mut Vec<EndpointSample>, max: usize) -> u64 {
+/// Keeps at most `max` endpoints one by one and sums the others per direction into
+/// `endpoint="other"`. Kept first: endpoints whose circuit is not closed or that are being
+/// shed (they matter most), then those exported last time (`exported`: a series that comes
+/// and goes breaks its rates, and `other` would go down), then the busiest. Returns how many
+/// were summed; `exported` becomes the endpoints kept.
+pub fn cap_endpoints(
+    endpoints: &mut Vec<EndpointSample>,
+    max: usize,
+    exported: &mut std::collections::HashSet<String>,
+) -> u64 {
     if endpoints.len() <= max {
+        *exported = endpoints
+            .iter()
+            .map(|e| e.labels.endpoint.clone())
+            .collect();
         return 0;
     }
+    let rank = |e: &EndpointSample| {
+        let urgent = e.shedding || e.state.is_some_and(|s| s != "closed");
+        let before = exported.contains(&e.labels.endpoint);
+        (
+            !urgent,
+            !before,
+            std::cmp::Reverse(e.stats.attempts),
+            std::cmp::Reverse(e.stats.established),
+        )
+    };
     endpoints.sort_by(|a, b| {
-        (b.stats.attempts, b.stats.established, &a.labels.endpoint).cmp(&(
-            a.stats.attempts,
-            a.stats.established,
-            &b.labels.endpoint,
-        ))
+        rank(a)
+            .cmp(&rank(b))
+            .then_with(|| a.labels.endpoint.cmp(&b.labels.endpoint))
     });
     let rest = endpoints.split_off(max);
+    *exported = endpoints
+        .iter()
+        .map(|e| e.labels.endpoint.clone())
+        .collect();
     let aggregated = rest.len() as u64;
     let mut others: BTreeMap<&'static str, EndpointSample> = BTreeMap::new();
     for e in rest {
@@ -174,15 +197,13 @@ pub fn render(snapshot: Snapshot) -> String {
 
 type Labels<'a> = Vec<(&'static str, &'a str)>;
 
+/// The labels every per-endpoint series carries; the name, which can change, is only on
+/// `resil_endpoint_info` (join on it in queries), so series keep their identity.
 fn endpoint_labels(l: &EndpointLabels) -> Labels<'_> {
-    let mut labels = vec![
+    vec![
         ("endpoint", l.endpoint.as_str()),
         ("direction", l.direction),
-    ];
-    if !l.name.is_empty() {
-        labels.push(("name", l.name.as_str()));
-    }
-    labels
+    ]
 }
 
 /// One metric family with a series per item.
@@ -230,7 +251,9 @@ fn histogram(
     let mut below = 0;
     for bound in BUCKET_BOUNDS_US {
         let cumulative = h.count_below_us(bound);
-        buckets.push((bound / 1e6, cumulative - below));
+        // Latencies are whole microseconds: below 4^k µs is at most 4^k - 1 µs, the bound
+        // `le` (less or equal) means.
+        buckets.push(((bound - 1.0) / 1e6, cumulative - below));
         below = cumulative;
     }
     buckets.push((f64::INFINITY, h.total() - below));
@@ -355,9 +378,22 @@ impl Collector for Snapshot {
         )?;
         family(
             &mut e,
-            "circuit_failure_rate",
-            "Failure rate over the breaker's window, once it holds enough outcomes.",
-            Some(&Unit::Ratios),
+            "endpoint_info",
+            "The name of an endpoint (its dependency's, from DNS or /etc/hosts).",
+            None,
+            MetricType::Gauge,
+            eps.iter().filter(|s| !s.labels.name.is_empty()),
+            |s, m| {
+                let mut labels = endpoint_labels(&s.labels);
+                labels.push(("name", s.labels.name.as_str()));
+                gauge(m, &labels, 1i64)
+            },
+        )?;
+        family(
+            &mut e,
+            "circuit_failure_ratio",
+            "Failure rate over the breaker's window (0..1), once it holds enough outcomes.",
+            None,
             MetricType::Gauge,
             eps.iter().filter_map(|s| s.failure_rate.map(|r| (s, r))),
             |(s, rate), m| gauge(m, &endpoint_labels(&s.labels), rate),
@@ -600,9 +636,18 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     })
 }
 
+/// Connections served at once, at most; more wait to be accepted.
+const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take to send its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves `/metrics` and `/healthz` until the task is dropped.
 pub async fn serve(listener: TcpListener, agent: mpsc::Sender<Scrape>) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(slot) = std::sync::Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
@@ -615,8 +660,11 @@ pub async fn serve(listener: TcpListener, agent: mpsc::Sender<Scrape>) {
         tokio::task::spawn_local(async move {
             let service = service_fn(move |request| answer(request, agent.clone()));
             let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+            drop(slot);
         });
     }
 }

@@ -116,7 +116,12 @@ fn status_table(endpoints: &[EndpointStatus]) -> String {
             },
         ];
         let name = display_name(&e.endpoint, e.name.as_deref().or(e.dependency.as_deref()));
-        let mut row = vec![Cell::new(name), Cell::new(dir), Cell::new(&e.state)];
+        let state = if e.shedding {
+            "shedding"
+        } else {
+            e.state.as_str()
+        };
+        let mut row = vec![Cell::new(name), Cell::new(dir), Cell::new(state)];
         row.extend(
             numbers
                 .into_iter()
@@ -312,6 +317,8 @@ mod tests {
             resets_out: 3,
             syn_retransmits: 1,
             retransmits: 4,
+            segments: 40,
+            closed: 7,
             fast_failed: 0,
             would_fast_fail: 0,
             failure_rate: Some(0.1),
@@ -322,6 +329,7 @@ mod tests {
             reason: Some("5 consecutive failures".into()),
             dependency: Some("web".into()),
             name: Some("web".into()),
+            shedding: false,
         }
     }
 
@@ -342,6 +350,7 @@ mod tests {
             keys,
             [
                 "attempts",
+                "closed",
                 "connect_latency_us",
                 "dependency",
                 "direction",
@@ -355,6 +364,8 @@ mod tests {
                 "resets_in",
                 "resets_out",
                 "retransmits",
+                "segments",
+                "shedding",
                 "state",
                 "syn_retransmits",
                 "timeouts",
@@ -397,6 +408,7 @@ mod tests {
     fn finding(domain: Domain, subject: &str, severity: f64) -> Finding {
         Finding {
             domain,
+            rule: "refusing".into(),
             subject: subject.into(),
             summary: format!("{subject} is unwell"),
             since: 1_000.0,

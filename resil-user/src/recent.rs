@@ -22,9 +22,14 @@ impl<T: Clone> Recent<T> {
         }
     }
 
+    /// Whether the last snapshot is at least `span_ns` old: time for [`Recent::roll`].
+    pub fn due(&self, now_ns: u64, span_ns: u64) -> bool {
+        now_ns.saturating_sub(self.newer_at_ns) >= span_ns
+    }
+
     /// Takes a new snapshot of `current` if the last one is at least `span_ns` old.
     pub fn roll(&mut self, current: &T, now_ns: u64, span_ns: u64) {
-        if now_ns.saturating_sub(self.newer_at_ns) >= span_ns {
+        if self.due(now_ns, span_ns) {
             self.older = std::mem::replace(&mut self.newer, current.clone());
             self.older_at_ns = self.newer_at_ns;
             self.newer_at_ns = now_ns;

@@ -187,9 +187,23 @@ impl Resolvers {
 
 /// Reads a successful answer: every A and AAAA record gets the name that was asked for.
 fn learn_names(message: &[u8], names: &mut Names, now_ns: u64) {
-    // An answer cut at the capture size does not parse: it teaches nothing.
-    let Ok(packet) = Packet::parse(message) else {
-        return;
+    let parsed = Packet::parse(message).ok();
+    // An answer cut at the capture size usually loses only its authority and additional
+    // records (EDNS's OPT among them): read it again without them.
+    let mut answers_only = Vec::new();
+    let packet = match parsed {
+        Some(packet) => packet,
+        None => {
+            answers_only.extend_from_slice(message);
+            if answers_only.len() < 12 {
+                return;
+            }
+            answers_only[8..12].fill(0); // NSCOUNT, ARCOUNT
+            let Ok(packet) = Packet::parse(&answers_only) else {
+                return; // cut inside the answers: nothing to learn
+            };
+            packet
+        }
     };
     let Some(question) = packet.questions.first() else {
         return;
@@ -333,6 +347,16 @@ mod tests {
             &mut names,
             0,
         );
+        // Cut inside its additional records: the answers still teach.
+        r.on_event(&event(DnsKind::Query, 1, 0, &[0, 5]), &mut names, 0);
+        let mut padded = answer(5, 0, Some(Ipv4Addr::new(5, 6, 7, 8)));
+        padded[11] = 1; // ARCOUNT 1, and an additional record that is not there
+        padded.extend_from_slice(&[0, 0, 41]);
+        r.on_event(&event(DnsKind::Answer, 1, MS, &padded), &mut names, 0);
+        assert_eq!(
+            names.lookup(&"5.6.7.8".parse().unwrap(), 0),
+            Some("api.example")
+        );
         r.on_event(&event(DnsKind::Query, 1, 0, &[0, 2]), &mut names, 0);
         // Cut mid-record: counted, but teaches nothing.
         let cut = answer(2, 0, Some(Ipv4Addr::new(1, 2, 3, 4)));
@@ -344,7 +368,7 @@ mod tests {
         r.on_event(&event(DnsKind::Answer, 1, MS, &[0xff; 3]), &mut names, 0);
         r.on_event(&event(DnsKind::Query, 1, 0, &[]), &mut names, 0);
         let c = r.iter().next().unwrap().1.counts;
-        assert_eq!((c.queries, c.answers, c.nxdomain), (2, 2, 1));
+        assert_eq!((c.queries, c.answers, c.nxdomain), (3, 3, 1));
         assert_eq!(names.lookup(&"1.2.3.4".parse().unwrap(), 0), None);
         assert!(decode_event(&[0u8; 10]).is_none());
     }

@@ -460,6 +460,8 @@ pub enum ServeMode {
     /// Reset every connection (SO_LINGER 0) once the client's first bytes arrive, before
     /// answering anything.
     ResetOnRequest,
+    /// Read and discard until the client closes.
+    Discard,
 }
 
 /// A TCP server on a thread inside a namespace; stops when dropped.
@@ -584,6 +586,9 @@ fn handle(stream: TcpStream, mode: ServeMode) {
             if mode == ServeMode::ResetOnRequest {
                 reset_on_close(&stream);
                 break;
+            }
+            if mode == ServeMode::Discard {
+                continue;
             }
             if stream.write_all(&buf[..n]).is_err() {
                 break;

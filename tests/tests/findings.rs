@@ -28,7 +28,8 @@ fn wait_finding(daemon: &Daemon, what: &str, matches: impl Fn(&Value) -> bool) -
         }
         assert!(
             Instant::now() < deadline,
-            "no finding {what} within {SETTLE:?}; report: {findings:#?}\nlog:\n{}",
+            "no finding {what} within {SETTLE:?}; report: {findings:#?}\nstatus: {:#?}\nlog:\n{}",
+            daemon.status(),
             daemon.log_text()
         );
         thread::sleep(Duration::from_millis(200));
@@ -55,7 +56,13 @@ fn a_host_blackholed_on_all_ports_is_host_down() {
             }
         }
     });
-    let f = wait_finding(&daemon, "host_down", |f| f["domain"] == "host_down");
+    // Both ports' handshakes time out a second after their SYNs: wait for both.
+    let f = wait_finding(&daemon, "host_down on both ports", |f| {
+        f["domain"] == "host_down"
+            && f["evidence"]["ports"]
+                .as_array()
+                .is_some_and(|p| p.len() == 2)
+    });
     assert_eq!(f["subject"], format!("host {ip}"));
     assert_eq!(
         f["evidence"]["ports"],
@@ -96,7 +103,9 @@ fn one_port_refusing_while_another_answers_is_a_dependency_failure() {
         }
     });
     let dead = SocketAddr::new(ip, 8081).to_string();
-    let f = wait_finding(&daemon, "dependency", |f| f["domain"] == "dependency");
+    let f = wait_finding(&daemon, "dependency", |f| {
+        f["domain"] == "dependency" && f["evidence"]["refused"] == 4
+    });
     assert_eq!(f["subject"], dead);
     assert_eq!(f["evidence"]["refused"], 4, "{f:#}");
     assert_eq!(f["evidence"]["rate"], 1.0);
@@ -112,6 +121,29 @@ fn one_port_refusing_while_another_answers_is_a_dependency_failure() {
     let out = daemon.cli(&["report"]).unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("Dependency (1)"), "{text}");
+    // The port comes back: once the refusals age out of the window, the finding ends.
+    let _back = lab.serve(8081, ServeMode::Echo).unwrap();
+    lab.client(|| {
+        connect(SocketAddr::new(ip, 8081), Duration::from_secs(2)).expect("8081 is back");
+    });
+    let deadline = Instant::now() + Duration::from_secs(45);
+    while daemon
+        .findings()
+        .iter()
+        .any(|f| f["domain"] == "dependency")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the finding did not end: {:#?}",
+            daemon.findings()
+        );
+        thread::sleep(Duration::from_millis(500));
+    }
+    let ended = daemon
+        .events()
+        .into_iter()
+        .find(|e| e["kind"] == "finding_ended" && e["subject"] == dead);
+    assert!(ended.is_some(), "the event stream says it ended");
 }
 
 #[test]
@@ -131,7 +163,9 @@ fn a_local_server_killed_under_inbound_clients_is_internal() {
             connect(addr, Duration::from_secs(2)).expect_err("the service is gone");
         }
     });
-    let f = wait_finding(&daemon, "internal", |f| f["domain"] == "internal");
+    let f = wait_finding(&daemon, "internal", |f| {
+        f["domain"] == "internal" && f["evidence"]["refused"] == 5
+    });
     assert_eq!(f["subject"], format!("local service {addr}"));
     assert_eq!(f["evidence"]["refused"], 5, "{f:#}");
     assert!(
@@ -223,7 +257,7 @@ fn endpoints_are_named_from_dns_answers() {
 fn retransmissions_from_lost_data_packets_are_a_communication_failure() {
     let lab = Lab::new("ft").unwrap();
     let daemon = lab.daemon().unwrap();
-    let _server = lab.serve(8080, ServeMode::Echo).unwrap();
+    let _server = lab.serve(8080, ServeMode::Discard).unwrap();
     // A third of the client's data segments never arrive.
     lab.server_input_rule(
         "tcp dport 8080 tcp flags & (syn | fin | rst) == 0 meta length > 100 numgen random mod 3 == 0 drop",
@@ -234,7 +268,7 @@ fn retransmissions_from_lost_data_packets_are_a_communication_failure() {
         let mut stream = connect(addr, Duration::from_secs(2)).expect("connect");
         stream.set_nodelay(true).unwrap();
         let chunk = [0x5au8; 200];
-        for _ in 0..150 {
+        for _ in 0..300 {
             stream.write_all(&chunk).expect("write");
             thread::sleep(Duration::from_millis(5));
         }
@@ -247,7 +281,7 @@ fn retransmissions_from_lost_data_packets_are_a_communication_failure() {
     let evidence = &f["evidence"];
     assert!(evidence["retransmits"].as_u64().unwrap() >= 3, "{f:#}");
     assert!(evidence["segments"].as_u64().unwrap() >= 20, "{f:#}");
-    assert!(evidence["rate"].as_f64().unwrap() >= 0.05, "{f:#}");
+    assert!(evidence["rate"].as_f64().unwrap() >= 0.02, "{f:#}");
 }
 
 #[test]

@@ -289,20 +289,24 @@ fn dns_queries_and_answers_are_reported_once_each_with_the_answer_bytes() {
         answer[2] = 0x81;
         answer[3] = 0x83; // NXDOMAIN
         ingress(&ebpf, &udp_frame(resolver, client, 53, 40053, &answer));
+        // An answer nobody asked for (or a second one) is not reported.
+        ingress(&ebpf, &udp_frame(resolver, client, 53, 40053, &answer));
         // A large answer is cut to the capture size.
         let big = vec![0x11u8; 1400];
+        egress(&ebpf, &udp_frame(client, resolver, 40053, 53, &big[..40]));
         ingress(&ebpf, &udp_frame(resolver, client, 53, 40053, &big));
         // Other UDP passes unseen.
         egress(&ebpf, &udp_frame(client, resolver, 40000, 5353, &query));
         ingress(&ebpf, &udp_frame(resolver, client, 123, 40000, &query));
         let events = dns_events(&mut ebpf);
-        assert_eq!(events.len(), 3, "{events:?}");
+        assert_eq!(events.len(), 4, "{events:?}");
         let kinds: Vec<_> = events.iter().map(|e| DnsKind::from_u8(e.kind)).collect();
         assert_eq!(
             kinds,
             [
                 Some(DnsKind::Query),
                 Some(DnsKind::Answer),
+                Some(DnsKind::Query),
                 Some(DnsKind::Answer)
             ]
         );
@@ -310,10 +314,13 @@ fn dns_queries_and_answers_are_reported_once_each_with_the_answer_bytes() {
             assert_eq!(e.conn.remote_addr, resolver.bytes());
             assert_eq!((e.conn.local_port, e.conn.remote_port), (40053, 53));
         }
-        assert_eq!(&events[0].message[..2], &[0xbe, 0xef]);
+        assert_eq!(
+            (&events[0].message[..2], events[0].len),
+            (&[0xbe, 0xef][..], 2)
+        );
         assert_eq!(events[1].len as usize, answer.len());
         assert_eq!(&events[1].message[..answer.len()], answer.as_slice());
-        assert_eq!(events[2].len as usize, resil_common::maps::DNS_CAPTURE);
+        assert_eq!(events[3].len as usize, resil_common::maps::DNS_CAPTURE);
     }
     assert!(
         endpoints(&ebpf).is_empty(),

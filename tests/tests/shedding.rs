@@ -55,7 +55,7 @@ fn a_service_at_its_connection_limit_sheds_new_connections_until_below() {
     assert_eq!(e.fast_failed, 1, "{e:?}");
     // Below the limit again: connections flow.
     drop(held);
-    daemon.wait_for(&service, SETTLE, |e| e.state != "shedding");
+    daemon.wait_for(&service, SETTLE, |e| !e.shedding);
     lab.client(|| connect(addr).expect("below the limit"));
     let kinds: Vec<String> = daemon
         .events()
@@ -71,19 +71,30 @@ fn a_service_at_its_connection_limit_sheds_new_connections_until_below() {
 }
 
 #[test]
-fn an_unhealthy_service_is_shed_when_asked_and_counted() {
+fn an_unhealthy_service_is_shed_then_probed_back_when_it_recovers() {
     let lab = Lab::new("su").unwrap();
-    let config = "[[service]]\nport = 8080\nshed_when_unhealthy = true\n";
+    let config = "[[service]]\nname = \"api\"\nport = 8080\nshed_when_unhealthy = true\n";
     let daemon = lab.server_daemon_with_config(config).unwrap();
     let addr = SocketAddr::new(lab.server_ip(Family::V6), 8080);
     let service = addr.to_string();
-    // Nothing listens: the kernel refuses, the finding says so, resil takes over the refusing.
+    // The service works, then its process dies: the kernel refuses, the finding says so,
+    // and resil takes the refusing over at XDP.
+    let server = lab.serve(8080, ServeMode::Echo).unwrap();
+    lab.client(|| connect(addr).expect("the service is up"));
+    drop(server);
     lab.client(|| {
         for _ in 0..4 {
             connect(addr).expect_err("nothing listens");
         }
     });
-    daemon.wait_for(&service, SETTLE, |e| e.state == "shedding");
+    let e = daemon.wait_for(&service, SETTLE, |e| e.shedding);
+    assert!(
+        e.reason
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("unhealthy: local service"),
+        "{e:?}"
+    );
     let deadline = Instant::now() + SETTLE;
     loop {
         lab.client(|| {
@@ -106,4 +117,44 @@ fn an_unhealthy_service_is_shed_when_asked_and_counted() {
         );
         thread::sleep(Duration::from_millis(200));
     }
+    // The service comes back: after the hold, one probe connection gets through, and with
+    // it shedding and the finding end.
+    let _server = lab.serve(8080, ServeMode::Echo).unwrap();
+    let deadline = Instant::now() + SETTLE;
+    while lab.client(|| connect(addr)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "never let through\n{}",
+            daemon.log_text()
+        );
+        thread::sleep(Duration::from_millis(250));
+    }
+    daemon.wait_for(&service, SETTLE, |e| !e.shedding);
+    lab.client(|| connect(addr).expect("flows again"));
+    let kinds: Vec<String> = daemon
+        .events()
+        .iter()
+        .filter(|e| e["kind"] != "transition")
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["kind"].as_str().unwrap_or("?"),
+                e["service"]
+                    .as_str()
+                    .or(e["domain"].as_str())
+                    .unwrap_or("?")
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "finding_started internal".to_string(),
+            format!("shedding_started api ({service})"),
+            format!("shedding_ended api ({service})"),
+            "finding_ended internal".to_string(),
+        ],
+        "{}",
+        daemon.log_text()
+    );
 }

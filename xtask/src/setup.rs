@@ -23,6 +23,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("setpriv", "util-linux"),
     // promtool and a real Prometheus, for the metrics tests.
     ("promtool", "prometheus"),
+    ("prometheus", "prometheus"),
 ];
 
 /// Runs every step.

@@ -464,3 +464,36 @@ fn data_segments_and_closes_are_counted() {
     assert_eq!(sim.outbound().closed, 2);
     assert_eq!(sim.outbound().refused, 1);
 }
+
+#[test]
+fn opening_syns_and_their_retransmissions() {
+    let mut sim = Sim::at(1);
+    let syn = seg(Way::Egress, SYN, LOCAL_ISN, 0, 0);
+    assert!(is_bare_syn(&syn));
+    assert!(!is_bare_syn(&seg(
+        Way::Ingress,
+        SYN | ACK,
+        PEER_ISN,
+        LOCAL_ISN + 1,
+        0
+    )));
+    assert!(!repeats_opening_syn(None, &syn, Way::Egress));
+    sim.egress(SYN, LOCAL_ISN, 0, 0);
+    let conn = sim.conns.get(&key()).copied();
+    assert!(repeats_opening_syn(conn.as_ref(), &syn, Way::Egress));
+    let other = seg(Way::Egress, SYN, LOCAL_ISN + 99, 0, 0);
+    assert!(
+        !repeats_opening_syn(conn.as_ref(), &other, Way::Egress),
+        "a new ISN is a new connection"
+    );
+    // Once established, a SYN with the same ISN is no longer waiting for anything.
+    sim.ingress(SYN | ACK, PEER_ISN, LOCAL_ISN + 1, 0);
+    let conn = sim.conns.get(&key()).copied();
+    assert!(!repeats_opening_syn(conn.as_ref(), &syn, Way::Egress));
+    // Inbound: the client's SYN again while ours is SYN_RECEIVED.
+    let mut sim = Sim::at(1);
+    sim.ingress(SYN, PEER_ISN, 0, 0);
+    let conn = sim.conns.get(&key()).copied();
+    let again = seg(Way::Ingress, SYN, PEER_ISN, 0, 0);
+    assert!(repeats_opening_syn(conn.as_ref(), &again, Way::Ingress));
+}

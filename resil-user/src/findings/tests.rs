@@ -1,16 +1,19 @@
 use super::*;
+use crate::breaker::FailureKind;
 
 fn observed(addr: &str, side: Side) -> Observed {
     Observed {
         addr: addr.parse().unwrap(),
         side,
         display: addr.to_string(),
+        host_name: None,
         recent: EndpointStats::ZERO,
         timeouts: 0,
         window_s: 15.0,
         breaker: None,
         latency: None,
-        shedding: false,
+        last_failure: None,
+        ever_established: true,
     }
 }
 
@@ -38,7 +41,7 @@ fn a_host_silent_on_all_its_ports_is_down() {
         o.timeouts = 1;
         o.recent.unreachable = 1;
     });
-    let found = classify(&[a, b], &[]);
+    let found = classify(&[a.clone(), b.clone()], &[]);
     assert_eq!(
         domains(&found),
         [(Domain::HostDown, "host_down/10.0.3.7".into())]
@@ -55,6 +58,13 @@ fn a_host_silent_on_all_its_ports_is_down() {
         f.summary
     );
     assert_eq!(f.endpoints.len(), 2);
+    // Named where the name is known.
+    let named = Observed {
+        host_name: Some("db1.lab".into()),
+        ..b
+    };
+    let found = classify(&[a, named], &[]);
+    assert_eq!(found[0].finding.subject, "host db1.lab (10.0.3.7)");
 }
 
 #[test]
@@ -80,10 +90,7 @@ fn one_port_refusing_while_another_answers_is_a_dependency() {
     let found = classify(&[refusing, fine], &[]);
     assert_eq!(
         domains(&found),
-        [(
-            Domain::Dependency,
-            "dependency/10.0.3.7:5432/refusing".into()
-        )]
+        [(Domain::Dependency, "refusing/outbound/10.0.3.7:5432".into())]
     );
     let f = &found[0].finding;
     assert_eq!(f.subject, "postgres (10.0.3.7:5432)");
@@ -121,7 +128,7 @@ fn a_silent_port_on_an_answering_host_is_a_dependency() {
     let found = classify(&[silent, fine], &[]);
     assert_eq!(
         domains(&found),
-        [(Domain::Dependency, "dependency/10.0.3.7:9000/silent".into())]
+        [(Domain::Dependency, "silent/outbound/10.0.3.7:9000".into())]
     );
 }
 
@@ -158,10 +165,10 @@ fn resets_lost_segments_and_slow_handshakes() {
     assert_eq!(
         keys,
         [
-            "dependency/10.0.0.2:80/resetting",
-            "communication/10.0.0.3:80/retransmits",
-            "communication/10.0.0.4:80/latency",
-            "communication/10.0.0.5:80/syn_loss"
+            "resetting/outbound/10.0.0.2:80",
+            "retransmits/outbound/10.0.0.3:80",
+            "latency/outbound/10.0.0.4:80",
+            "syn_loss/outbound/10.0.0.5:80"
         ]
     );
     let latency = &found[2].finding;
@@ -233,10 +240,7 @@ fn failing_resolvers_are_communication() {
     let found = classify(&[], std::slice::from_ref(&r));
     assert_eq!(
         domains(&found),
-        [(
-            Domain::Communication,
-            "communication/10.0.0.53:53/dns".into()
-        )]
+        [(Domain::Communication, "dns/10.0.0.53:53".into())]
     );
     assert_eq!(found[0].finding.evidence.servfail, Some(2));
     let healthy = ObservedResolver {
@@ -256,21 +260,62 @@ fn failing_resolvers_are_communication() {
 
 #[test]
 fn an_open_circuit_keeps_a_dead_host_reported_without_traffic() {
-    let open = with("10.0.3.7:80", Side::Outbound, |o| {
-        o.recent.fast_failed = 30;
-        o.breaker = Some(BreakerView {
-            state: "open".into(),
-            reason: Some("5 consecutive failures".into()),
-            failing: true,
-        });
-    });
-    let found = classify(&[open], &[]);
+    let open = |last_failure| {
+        with("10.0.3.7:80", Side::Outbound, |o| {
+            o.recent.fast_failed = 30;
+            o.last_failure = Some(last_failure);
+            o.breaker = Some(BreakerView {
+                state: "open".into(),
+                reason: Some("5 consecutive failures".into()),
+                failing: true,
+            });
+        })
+    };
+    let found = classify(&[open(FailureKind::Timeout)], &[]);
     assert_eq!(found.len(), 1);
     assert_eq!(found[0].finding.domain, Domain::HostDown);
     assert_eq!(
         found[0].finding.evidence.breaker.as_deref(),
         Some("80 open")
     );
+    // A circuit opened by refusals is about a dependency, not a dead host: nothing new here
+    // (the refusing finding is held by the agent while the circuit stays open).
+    assert!(classify(&[open(FailureKind::Refused)], &[]).is_empty());
+}
+
+#[test]
+fn ports_nobody_ever_served_are_not_local_services() {
+    let scanned = with("10.0.0.2:23", Side::Inbound, |o| {
+        o.recent.attempts = 50;
+        o.recent.refused = 50;
+        o.ever_established = false;
+    });
+    assert!(classify(&[scanned], &[]).is_empty());
+}
+
+#[test]
+fn syn_retransmissions_alone_do_not_make_a_service_lose_attempts() {
+    // One spoofed SYN: the service retransmits its SYN-ACK five times.
+    let spoofed = with("10.0.0.2:8080", Side::Inbound, |o| {
+        o.recent.attempts = 1;
+        o.recent.syn_retransmits = 5;
+    });
+    assert!(classify(&[spoofed], &[]).is_empty());
+}
+
+#[test]
+fn the_same_address_inbound_and_outbound_keeps_apart() {
+    let out = with("127.0.0.1:8080", Side::Outbound, |o| {
+        o.recent.attempts = 5;
+        o.recent.refused = 5;
+    });
+    let inside = with("127.0.0.1:8080", Side::Inbound, |o| {
+        o.recent.attempts = 5;
+        o.recent.refused = 5;
+    });
+    let found = classify(&[out, inside], &[]);
+    assert_eq!(found.len(), 2);
+    assert_ne!(found[0].key, found[1].key);
 }
 
 #[test]

@@ -39,8 +39,14 @@ fn endpoints_export_counters_states_and_latency_in_seconds() {
         endpoints: vec![db],
         ..Snapshot::default()
     });
+    assert!(
+        text.contains(
+            "resil_connection_attempts_total{endpoint=\"10.0.3.7:5432\",direction=\"outbound\"} 5"
+        ),
+        "{text}"
+    );
     assert!(text.contains(
-        "resil_connection_attempts_total{endpoint=\"10.0.3.7:5432\",direction=\"outbound\",name=\"postgres\"} 5"
+        "resil_endpoint_info{endpoint=\"10.0.3.7:5432\",direction=\"outbound\",name=\"postgres\"} 1"
     ), "{text}");
     assert!(
         text.contains("# TYPE resil_connect_duration_seconds histogram"),
@@ -49,25 +55,22 @@ fn endpoints_export_counters_states_and_latency_in_seconds() {
     let buckets = lines(&text, "resil_connect_duration_seconds_bucket");
     assert_eq!(buckets.len(), BUCKET_BOUNDS_US.len() + 1);
     assert!(
-        buckets[1].contains("le=\"0.000016\"") && buckets[1].ends_with(" 1"),
+        buckets[1].contains("le=\"0.000015\"") && buckets[1].ends_with(" 1"),
         "{buckets:?}"
     );
     assert!(
-        buckets[3].contains("le=\"0.000256\"") && buckets[3].ends_with(" 3"),
+        buckets[3].contains("le=\"0.000255\"") && buckets[3].ends_with(" 3"),
         "{buckets:?}"
     );
     assert!(buckets.last().unwrap().contains("+Inf") && buckets.last().unwrap().ends_with(" 4"));
-    assert!(text.contains("resil_connect_duration_seconds_sum{endpoint=\"10.0.3.7:5432\",direction=\"outbound\",name=\"postgres\"} 0.00321"), "{text}");
+    assert!(text.contains("resil_connect_duration_seconds_sum{endpoint=\"10.0.3.7:5432\",direction=\"outbound\"} 0.00321"), "{text}");
     let states = lines(&text, "resil_circuit_state{");
     assert_eq!(states.len(), STATES.len());
     assert!(states
         .iter()
         .any(|l| l.contains("state=\"open\"") && l.ends_with(" 1")));
     assert_eq!(states.iter().filter(|l| l.ends_with(" 1")).count(), 1);
-    assert!(
-        text.contains("resil_circuit_failure_rate_ratios{"),
-        "{text}"
-    );
+    assert!(text.contains("resil_circuit_failure_ratio{"), "{text}");
     assert!(
         text.contains("resil_findings{domain=\"host_down\"} 0"),
         "{text}"
@@ -77,10 +80,18 @@ fn endpoints_export_counters_states_and_latency_in_seconds() {
 
 #[test]
 fn endpoints_beyond_the_cap_are_summed_as_other() {
-    let mut endpoints: Vec<EndpointSample> = (0..5)
-        .map(|i| sample(&format!("10.0.0.{i}:80"), i))
-        .collect();
-    let aggregated = cap_endpoints(&mut endpoints, 2);
+    let all = || -> Vec<EndpointSample> {
+        (0..5)
+            .map(|i| {
+                let mut s = sample(&format!("10.0.0.{i}:80"), i);
+                s.state = Some("closed");
+                s
+            })
+            .collect()
+    };
+    let mut exported = std::collections::HashSet::new();
+    let mut endpoints = all();
+    let aggregated = cap_endpoints(&mut endpoints, 2, &mut exported);
     assert_eq!(aggregated, 3);
     let names: Vec<&str> = endpoints
         .iter()
@@ -93,8 +104,19 @@ fn endpoints_beyond_the_cap_are_summed_as_other() {
         (3, 3, 12)
     );
     assert_eq!(other.state, None, "no breaker state for a sum");
+    // Busier now, 10.0.0.0 still waits its turn: exported series stay; an open circuit
+    // goes first.
+    let mut endpoints = all();
+    endpoints[0].stats.attempts = 1000;
+    endpoints[1].state = Some("open");
+    cap_endpoints(&mut endpoints, 2, &mut exported);
+    let names: Vec<&str> = endpoints
+        .iter()
+        .map(|e| e.labels.endpoint.as_str())
+        .collect();
+    assert_eq!(names, ["10.0.0.1:80", "10.0.0.4:80", "other"]);
     let mut few = vec![sample("10.0.0.1:80", 1)];
-    assert_eq!(cap_endpoints(&mut few, 0), 1);
+    assert_eq!(cap_endpoints(&mut few, 0, &mut exported), 1);
     assert_eq!(few[0].labels.endpoint, "other");
 }
 

@@ -146,6 +146,9 @@ fn main() -> anyhow::Result<()> {
     banner("api's host vanishes: SYNs go unanswered; clients would wait their full timeout");
     demo.lab.server_input_rule("ip daddr 10.200.0.2 drop")?;
     demo.rounds(Duration::from_secs(6), "api host gone", &mut times);
+    banner("what resil reports now (resil report)");
+    let out = demo.daemon.cli(&["report"])?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
 
     banner("api's host returns");
     demo.lab.clear_server_rules()?;
@@ -172,7 +175,7 @@ fn main() -> anyhow::Result<()> {
             format_duration(d[d.len() / 2])
         );
     }
-    banner("breaker transitions (resil events)");
+    banner("breaker transitions and findings (resil events)");
     let out = demo.daemon.cli(&["events"])?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
     drop(api_server);
