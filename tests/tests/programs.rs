@@ -338,6 +338,9 @@ fn a_syn_to_a_shed_service_is_answered_with_a_rst_from_xdp() {
             family: if matches!(server, Addr::V4(_)) { 2 } else { 10 },
             direction: 1,
         };
+        // A client whose SYN came before the verdict: its retransmission is let through.
+        let early = tcp_frame(client, server, 39000, 8080, 5, 0, SYN, 0);
+        ingress(&ebpf, &early);
         {
             let mut verdicts: HashMap<&mut MapData, EndpointKey, Verdict> =
                 HashMap::try_from(ebpf.map_mut("VERDICTS").unwrap()).unwrap();
@@ -348,6 +351,7 @@ fn a_syn_to_a_shed_service_is_answered_with_a_rst_from_xdp() {
             };
             verdicts.insert(service, verdict, 0).unwrap();
         }
+        ingress(&ebpf, &early);
         let syn = tcp_frame(client, server, 40000, 8080, 77, 0, SYN, 0);
         let (action, out) = xdp(&ebpf, &syn);
         assert_eq!(action, XDP_TX);
