@@ -148,7 +148,10 @@ pub struct ConnState {
     pub local_flags: u8,
     /// [`peer_flags`] bits; ingress.
     pub peer_flags: u8,
-    pub _pad: [u8; 5],
+    /// The TTL (hop limit) the peer's packets arrive with, learned from its SYN-ACK (or SYN);
+    /// ingress. A reset arriving with another one was sent by something on the path.
+    pub peer_ttl: u8,
+    pub _pad: [u8; 4],
 }
 
 /// Bits of [`ConnState::local_flags`].
@@ -215,6 +218,9 @@ pub struct EndpointStats {
     pub segments: u64,
     /// Established connections that ended (both FINs, or a reset).
     pub closed: u64,
+    /// Resets received (counted in `resets_in` too) whose TTL differs from the peer's: sent by
+    /// a middlebox on the path, not by the peer.
+    pub path_resets: u64,
     /// `bpf_ktime_get_ns` when the kernel created this entry (on the creating CPU's copy;
     /// the others hold 0). A new value means the LRU evicted the endpoint and it came back.
     pub created_ns: u64,
@@ -235,6 +241,7 @@ macro_rules! each_counter {
         $f!(would_fast_fail);
         $f!(segments);
         $f!(closed);
+        $f!(path_resets);
     };
 }
 
@@ -253,6 +260,7 @@ impl EndpointStats {
         would_fast_fail: 0,
         segments: 0,
         closed: 0,
+        path_resets: 0,
         created_ns: 0,
     };
 
@@ -490,7 +498,7 @@ mod tests {
         assert_eq!(size_of::<ConnKey>(), 40);
         assert_eq!(size_of::<ConnState>(), 40);
         assert_eq!(size_of::<EndpointKey>(), 20);
-        assert_eq!(size_of::<EndpointStats>(), 8 * 13);
+        assert_eq!(size_of::<EndpointStats>(), 8 * 14);
         assert_eq!(size_of::<DnsEvent>(), 8 + 40 + 4 + DNS_CAPTURE + 4);
         assert_eq!(size_of::<DnsQueryKey>(), 48);
         assert_eq!(size_of::<Verdict>(), 24);

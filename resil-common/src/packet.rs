@@ -75,7 +75,9 @@ pub struct TcpSegment {
     pub dst: [u8; 16],
     pub family: u8,
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// The IPv4 TTL or IPv6 hop limit it arrived with.
+    pub ttl: u8,
+    pub _pad: [u8; 1],
 }
 
 /// The TCP flow quoted inside an ICMP destination-unreachable message, as it was sent.
@@ -147,6 +149,8 @@ fn v4(addr: [u8; 4]) -> [u8; 16] {
 /// header starts, and how many bytes the IP header says follow it.
 struct Network {
     family: u8,
+    /// TTL or hop limit.
+    ttl: u8,
     l3_offset: usize,
     src: [u8; 16],
     dst: [u8; 16],
@@ -211,6 +215,7 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(packet: &P, at: usize) -> NetworkResult {
     }
     NetworkResult::Found(Network {
         family: FAMILY_IPV4,
+        ttl: h[8],
         l3_offset: at,
         src: v4([h[12], h[13], h[14], h[15]]),
         dst: v4([h[16], h[17], h[18], h[19]]),
@@ -282,6 +287,7 @@ fn parse_ipv6<P: PacketBytes + ?Sized>(packet: &P, at: usize) -> NetworkResult {
     }
     NetworkResult::Found(Network {
         family: FAMILY_IPV6,
+        ttl: h[7],
         l3_offset: at,
         src,
         dst,
@@ -323,7 +329,8 @@ fn parse_tcp<P: PacketBytes + ?Sized>(packet: &P, net: &Network) -> Parsed {
         payload_len: (net.l4_len - header_len) as u32,
         ip_offset: net.l3_offset as u32,
         tcp_offset: net.l4_offset as u32,
-        _pad: [0; 2],
+        ttl: net.ttl,
+        _pad: [0; 1],
     })
 }
 

@@ -32,6 +32,7 @@ pub mod count {
     pub const UNREACHABLE: u16 = 1 << 7;
     pub const SEGMENT: u16 = 1 << 8;
     pub const CLOSED: u16 = 1 << 9;
+    pub const PATH_RESET: u16 = 1 << 10;
 }
 
 /// How far from the expected sequence number an incoming RST may be and still count
@@ -102,6 +103,7 @@ pub fn count_into(stats: &mut EndpointStats, effects: &Effects) {
     stats.unreachable += (c & count::UNREACHABLE != 0) as u64;
     stats.segments += (c & count::SEGMENT != 0) as u64;
     stats.closed += (c & count::CLOSED != 0) as u64;
+    stats.path_resets += (c & count::PATH_RESET != 0) as u64;
 }
 
 /// Writes into `*dst` the fields in which `new` differs from `old` (the state the decision was
@@ -127,7 +129,8 @@ pub unsafe fn write_changes(dst: *mut ConnState, old: &ConnState, new: &ConnStat
         ack_sent,
         rcv_next,
         local_flags,
-        peer_flags
+        peer_flags,
+        peer_ttl
     );
 }
 
@@ -282,6 +285,7 @@ fn on_syn(conn: Option<&ConnState>, seg: &TcpSegment, way: Way, now_ns: u64) -> 
             state.remote_isn = seg.seq;
             state.rcv_next = end;
             state.peer_flags = peer_flags::RCV_KNOWN;
+            state.peer_ttl = seg.ttl;
         }
     }
     Effects {
@@ -312,6 +316,7 @@ fn on_syn_ack(conn: &ConnState, seg: &TcpSegment, way: Way, now_ns: u64) -> Effe
                         remote_isn: seg.seq,
                         rcv_next: seg.seq.wrapping_add(1).wrapping_add(seg.payload_len),
                         peer_flags: conn.peer_flags | peer_flags::RCV_KNOWN,
+                        peer_ttl: seg.ttl,
                         ..*conn
                     }),
                 }
@@ -387,13 +392,21 @@ fn on_reset(conn: &ConnState, seg: &TcpSegment, way: Way) -> Effects {
                 return Effects::counting(0, direction, Update::Delete);
             }
             let before_reply = conn.peer_flags & peer_flags::DATA == 0;
+            // The peer's packets all come the same way, with one TTL: a reset with another
+            // was made by something on the path (a firewall, a load balancer, an IDS).
+            let from_path = conn.peer_ttl != 0 && seg.ttl != conn.peer_ttl;
+            let counters = if from_path {
+                count::RESET_IN | count::PATH_RESET
+            } else {
+                count::RESET_IN
+            };
             Effects {
                 event: if before_reply {
                     outbound_event(direction, HandshakeKind::ResetBeforeReply)
                 } else {
                     None
                 },
-                ..Effects::counting(count::RESET_IN, direction, Update::Delete)
+                ..Effects::counting(counters, direction, Update::Delete)
             }
         }
         Way::Egress if closing => Effects::counting(0, direction, Update::Delete),

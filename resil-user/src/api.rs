@@ -126,6 +126,9 @@ pub struct EndpointStatus {
     /// Established connections that ended.
     #[serde(default)]
     pub closed: u64,
+    /// Resets received (in `resets_in` too) sent by something on the path, not the peer.
+    #[serde(default)]
+    pub path_resets: u64,
     pub fast_failed: u64,
     /// Connections a metrics-only policy would have refused.
     pub would_fast_fail: u64,

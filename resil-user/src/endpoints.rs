@@ -380,6 +380,7 @@ fn status_of(key: &EndpointKey, e: &Endpoint) -> EndpointStatus {
         retransmits: t.retransmits,
         segments: t.segments,
         closed: t.closed,
+        path_resets: t.path_resets,
         fast_failed: t.fast_failed,
         would_fast_fail: t.would_fast_fail,
         failure_rate: None,

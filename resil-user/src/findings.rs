@@ -121,7 +121,7 @@ pub struct Evidence {
 pub struct Finding {
     pub domain: Domain,
     /// Which rule found it: `host_down`, `refusing`, `resetting`, `silent`, `syn_loss`,
-    /// `retransmits`, `latency`, `losing_syns`, `dns`.
+    /// `path_resets`, `retransmits`, `latency`, `losing_syns`, `dns`.
     pub rule: String,
     /// What is unhealthy: `host 10.0.3.7`, `postgres (10.0.3.7:5432)`, `local service
     /// 10.0.0.2:8080`, `resolver 10.0.0.53:53`.
@@ -405,15 +405,17 @@ fn dependency(o: &Observed, host_answers: bool, found: &mut Vec<Detected>) {
             evidence,
         ));
     }
-    let reset_share = share(r.resets_in, r.established.max(r.resets_in));
-    if r.resets_in >= MIN_FAILURES && reset_share >= RESET_SHARE {
+    // Resets the peer itself sent (the others are the path's: communication).
+    let resets = r.resets_in.saturating_sub(r.path_resets);
+    let reset_share = share(resets, r.established.max(resets));
+    if resets >= MIN_FAILURES && reset_share >= RESET_SHARE {
         let summary = format!(
             "{} resetting connections: {} resets on {} connections in the last {:.0} s",
-            o.display, r.resets_in, r.established, o.window_s
+            o.display, resets, r.established, o.window_s
         );
         let evidence = Evidence {
             rate: Some(reset_share),
-            resets: Some(r.resets_in),
+            resets: Some(resets),
             established: Some(r.established),
             ..base_evidence(o)
         };
@@ -479,6 +481,28 @@ fn communication(o: &Observed, found: &mut Vec<Detected>) {
             subject.clone(),
             summary,
             syn_share,
+            evidence,
+        ));
+    }
+    if r.path_resets >= MIN_FAILURES {
+        let summary = format!(
+            "{subject}: {} connections reset by something on the path (a TTL other than the peer's) in the last {:.0} s: a firewall, load balancer or IDS is cutting them",
+            r.path_resets, o.window_s
+        );
+        let evidence = Evidence {
+            rate: Some(share(r.path_resets, r.established.max(r.path_resets))),
+            resets: Some(r.path_resets),
+            established: Some(r.established),
+            ..base_evidence(o)
+        };
+        let severity = share(r.path_resets, r.established.max(r.path_resets));
+        found.push(about(
+            o,
+            Domain::Communication,
+            "path_resets",
+            subject.clone(),
+            summary,
+            severity,
             evidence,
         ));
     }

@@ -273,7 +273,7 @@ type CounterOf<T> = (&'static str, &'static str, fn(&T) -> u64);
 impl Collector for Snapshot {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
         let eps = &self.endpoints;
-        let counters: [CounterOf<EndpointSample>; 13] = [
+        let counters: [CounterOf<EndpointSample>; 14] = [
             (
                 "connection_attempts",
                 "TCP connection attempts (first SYN).",
@@ -303,6 +303,11 @@ impl Collector for Snapshot {
                 "resets_received",
                 "Resets received on established connections.",
                 |s| s.stats.resets_in,
+            ),
+            (
+                "path_resets",
+                "Resets received that something on the path sent, not the peer (another TTL).",
+                |s| s.stats.path_resets,
             ),
             (
                 "resets_sent",

@@ -342,6 +342,8 @@ pub struct RoutedLab {
     pub server_ns: String,
     /// The router's interface towards the server, where resil attaches.
     pub router_out: String,
+    /// The client's interface, towards the router.
+    pub client_if: String,
     pub dir: PathBuf,
     pub cgroup: PathBuf,
 }
@@ -357,6 +359,7 @@ impl RoutedLab {
             router_ns: format!("resil-{tag}-{id}-r"),
             server_ns: format!("resil-{tag}-{id}-s"),
             router_out: format!("ro{id}"),
+            client_if: format!("rc{id}"),
             dir: std::env::temp_dir().join(format!("resil-lab-{tag}-{id}")),
             cgroup: cgroup2_root().join(format!("resil-test-{tag}-{id}")),
         };
@@ -368,7 +371,7 @@ impl RoutedLab {
             sh("ip", &["-n", ns, "link", "set", "lo", "up"])?;
         }
         let (client_if, router_in, server_if) =
-            (format!("rc{id}"), format!("ri{id}"), format!("rs{id}"));
+            (lab.client_if.clone(), format!("ri{id}"), format!("rs{id}"));
         for (a, a_ns, b, b_ns) in [
             (&client_if, c, &router_in, r),
             (&lab.router_out, r, &server_if, s),
@@ -434,6 +437,40 @@ impl RoutedLab {
             &self.dir,
             config,
         )
+    }
+
+    /// The daemon in the client namespace instead, on the client's interface: it sees the
+    /// server's packets one hop away.
+    pub fn client_daemon(&self, config: &str) -> Result<Daemon> {
+        Daemon::start(
+            &self.client_ns,
+            &self.client_if,
+            &self.cgroup,
+            &self.dir,
+            config,
+        )
+    }
+
+    /// Adds one nftables rule to the router's forward path, for example
+    /// `tcp dport 8080 reject with tcp reset`.
+    pub fn router_forward_rule(&self, rule: &str) -> Result<()> {
+        let script = format!(
+            "table inet resil_test {{\n  chain forward {{ type filter hook forward priority 0; policy accept;\n    {rule}\n  }}\n}}\n"
+        );
+        let path = self.dir.join("router.nft");
+        std::fs::write(&path, script)?;
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.router_ns,
+                "nft",
+                "-f",
+                &path.to_string_lossy(),
+            ],
+        )?;
+        Ok(())
     }
 
     /// Runs `f` inside the client namespace.

@@ -11,7 +11,7 @@ use std::{
 
 use resil_tests::{
     dns::{self, DnsMode},
-    resil_bin, Daemon, Family, Lab, ServeMode,
+    resil_bin, Daemon, Family, Lab, RoutedLab, ServeMode,
 };
 use serde_json::Value;
 
@@ -282,6 +282,41 @@ fn retransmissions_from_lost_data_packets_are_a_communication_failure() {
     assert!(evidence["retransmits"].as_u64().unwrap() >= 3, "{f:#}");
     assert!(evidence["segments"].as_u64().unwrap() >= 20, "{f:#}");
     assert!(evidence["rate"].as_f64().unwrap() >= 0.02, "{f:#}");
+}
+
+#[test]
+fn resets_sent_by_the_path_are_a_communication_failure() {
+    let lab = RoutedLab::new("fp").unwrap();
+    let daemon = lab.client_daemon("").unwrap();
+    let _server = lab.serve(8080, ServeMode::Echo).unwrap();
+    // The router (a firewall one hop before the server) resets connections once they carry
+    // data: its RSTs reach the client with TTL 64, the server's packets with 63.
+    lab.router_forward_rule("tcp dport 8080 meta length > 60 reject with tcp reset")
+        .unwrap();
+    let addr: SocketAddr = "10.200.0.2:8080".parse().unwrap();
+    lab.client(|| {
+        for _ in 0..4 {
+            let mut s = connect(addr, Duration::from_secs(2)).expect("the handshake passes");
+            let _ = s.write_all(&[0x61u8; 100]);
+            let mut buf = [0u8; 16];
+            let _ = std::io::Read::read(&mut s, &mut buf);
+        }
+    });
+    let f = wait_finding(&daemon, "path_resets", |f| {
+        f["rule"] == "path_resets" && f["evidence"]["resets"] == 4
+    });
+    assert_eq!(f["domain"], "communication");
+    assert_eq!(f["subject"], addr.to_string());
+    assert!(
+        daemon
+            .findings()
+            .iter()
+            .all(|f| f["domain"] != "dependency"),
+        "the server did not reset anything: {:#?}",
+        daemon.findings()
+    );
+    let e = daemon.wait_for(&addr.to_string(), SETTLE, |e| e.path_resets >= 4);
+    assert_eq!((e.resets_in, e.path_resets), (4, 4), "{e:?}");
 }
 
 #[test]

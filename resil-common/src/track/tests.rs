@@ -40,7 +40,8 @@ fn seg(way: Way, flags: u8, seq: u32, ack: u32, payload_len: u32) -> TcpSegment 
         payload_len,
         ip_offset: 14,
         tcp_offset: 34,
-        _pad: [0; 2],
+        ttl: 63,
+        _pad: [0; 1],
     }
 }
 
@@ -496,4 +497,36 @@ fn opening_syns_and_their_retransmissions() {
     let conn = sim.conns.get(&key()).copied();
     let again = seg(Way::Ingress, SYN, PEER_ISN, 0, 0);
     assert!(repeats_opening_syn(conn.as_ref(), &again, Way::Ingress));
+}
+
+#[test]
+fn a_reset_with_another_ttl_than_the_peer_comes_from_the_path() {
+    let mut sim = Sim::at(1);
+    sim.connect();
+    assert_eq!(sim.conns[&key()].peer_ttl, 63);
+    // The peer's own reset: the TTL its packets always have.
+    sim.ingress(RST, PEER_ISN + 1, 0, 0);
+    assert_eq!(
+        (sim.outbound().resets_in, sim.outbound().path_resets),
+        (1, 0)
+    );
+    // A firewall one hop closer resets the next connection.
+    sim.connect();
+    let mut rst = seg(Way::Ingress, RST, PEER_ISN + 1, 0, 0);
+    rst.ttl = 64;
+    let effects = on_tcp(sim.conns.get(&key()), &rst, Way::Ingress, 2);
+    sim.apply(key(), effects);
+    assert_eq!(
+        (sim.outbound().resets_in, sim.outbound().path_resets),
+        (2, 1)
+    );
+    // Inbound: the client's SYN sets the TTL to compare with.
+    let mut sim = Sim::at(1);
+    sim.accept();
+    let mut rst = seg(Way::Ingress, RST, PEER_ISN + 1, 0, 0);
+    rst.ttl = 250;
+    let effects = on_tcp(sim.conns.get(&key()), &rst, Way::Ingress, 2);
+    sim.apply(key(), effects);
+    let inbound = sim.inbound();
+    assert_eq!((inbound.resets_in, inbound.path_resets), (1, 1));
 }

@@ -362,3 +362,25 @@ fn reports_are_ordered_by_domain_then_worst_first() {
         ["host 10.0.9.9", "10.0.0.3:5432", "10.0.0.2:5432"]
     );
 }
+
+#[test]
+fn resets_from_the_path_are_communication_not_the_dependency() {
+    let cut = with("10.0.0.2:443", Side::Outbound, |o| {
+        o.recent.attempts = 10;
+        o.recent.established = 10;
+        o.recent.resets_in = 6;
+        o.recent.path_resets = 6;
+    });
+    let found = classify(&[cut], &[]);
+    assert_eq!(
+        domains(&found),
+        [(
+            Domain::Communication,
+            "path_resets/outbound/10.0.0.2:443".into()
+        )]
+    );
+    assert!(found[0]
+        .finding
+        .summary
+        .contains("6 connections reset by something on the path"));
+}
