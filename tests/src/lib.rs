@@ -211,23 +211,7 @@ impl Lab {
     /// Adds one nftables rule to the server namespace's input path, for example
     /// `tcp dport 7777 drop`.
     pub fn server_input_rule(&self, rule: &str) -> Result<()> {
-        let script = format!(
-            "table inet resil_test {{\n  chain input {{ type filter hook input priority 0; policy accept;\n    {rule}\n  }}\n}}\n"
-        );
-        let path = self.dir.join("rules.nft");
-        std::fs::write(&path, script)?;
-        sh(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &self.server_ns,
-                "nft",
-                "-f",
-                &path.to_string_lossy(),
-            ],
-        )?;
-        Ok(())
+        nft_rule(&self.server_ns, &self.dir, "input", rule)
     }
 
     /// Starts a TCP server on `port` (both families) in the server namespace.
@@ -454,23 +438,7 @@ impl RoutedLab {
     /// Adds one nftables rule to the router's forward path, for example
     /// `tcp dport 8080 reject with tcp reset`.
     pub fn router_forward_rule(&self, rule: &str) -> Result<()> {
-        let script = format!(
-            "table inet resil_test {{\n  chain forward {{ type filter hook forward priority 0; policy accept;\n    {rule}\n  }}\n}}\n"
-        );
-        let path = self.dir.join("router.nft");
-        std::fs::write(&path, script)?;
-        sh(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &self.router_ns,
-                "nft",
-                "-f",
-                &path.to_string_lossy(),
-            ],
-        )?;
-        Ok(())
+        nft_rule(&self.router_ns, &self.dir, "forward", rule)
     }
 
     /// Runs `f` inside the client namespace.
@@ -579,6 +547,20 @@ fn bind_v6_only(port: u16) -> Result<TcpListener> {
     bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)?;
     listen(&fd, Backlog::new(128)?)?;
     Ok(TcpListener::from(fd))
+}
+
+/// Adds one nftables rule to the `hook` chain (input, forward …) of a namespace's test table.
+fn nft_rule(netns: &str, dir: &Path, hook: &str, rule: &str) -> Result<()> {
+    let script = format!(
+        "table inet resil_test {{\n  chain {hook} {{ type filter hook {hook} priority 0; policy accept;\n    {rule}\n  }}\n}}\n"
+    );
+    let path = dir.join(format!("{netns}-{hook}.nft"));
+    std::fs::write(&path, script)?;
+    sh(
+        "ip",
+        &["netns", "exec", netns, "nft", "-f", &path.to_string_lossy()],
+    )?;
+    Ok(())
 }
 
 /// A plain HTTP/1.0 GET from the current namespace: status code, headers, body.
