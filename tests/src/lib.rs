@@ -22,6 +22,7 @@ use anyhow::{bail, Context as _, Result};
 use nix::sched::{setns, CloneFlags};
 use resil_user::api::{EndpointStatus, StatusReport};
 
+pub mod bench;
 pub mod dns;
 
 static LABS: AtomicUsize = AtomicUsize::new(0);
@@ -467,6 +468,8 @@ pub enum ServeMode {
     ResetOnRequest,
     /// Read and discard until the client closes.
     Discard,
+    /// Close each connection as soon as it is accepted (for connection-rate tests).
+    Close,
 }
 
 /// A TCP server on a thread inside a namespace; stops when dropped.
@@ -593,6 +596,9 @@ pub fn reset_on_close(stream: &TcpStream) {
 }
 
 fn handle(stream: TcpStream, mode: ServeMode) {
+    if mode == ServeMode::Close {
+        return;
+    }
     thread::spawn(move || {
         let mut stream = stream;
         let _ = stream.set_nonblocking(false);
@@ -720,6 +726,11 @@ impl Daemon {
             }
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The daemon's process id (nsenter execs it, so it is the child's).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The daemon's log so far.

@@ -1,4 +1,4 @@
-//! Developer and CI automation: `cargo xtask setup | build | run | test | lint`.
+//! Developer and CI automation: `cargo xtask setup | build | run | test | bench | demo | lint`.
 
 mod setup;
 
@@ -40,8 +40,12 @@ enum Task {
         /// Only tests whose name contains this.
         filter: Option<String>,
     },
-    /// Run the benchmarks (release build); figures go to stdout and target/bench/.
-    Bench,
+    /// Run the benchmarks (release build): target/bench/report.md and report.json.
+    Bench {
+        /// A short run: fewer repetitions, shorter traffic.
+        #[arg(long)]
+        quick: bool,
+    },
     /// A self-contained lab, live in the terminal: resil detects, fast-fails and recovers.
     Demo,
     /// cargo fmt --check and cargo clippy on the host crates.
@@ -107,10 +111,10 @@ fn run(cli: Cli) -> Result<()> {
                 .exec();
             Err(error).with_context(|| format!("cannot start {}", bin.display()))
         }
-        Task::Bench => {
+        Task::Bench { quick } => {
             setup::run()?;
             check(cargo().args(["bench", "--package", "resil-user", "--bench", "engine"]))?;
-            // The kernel side needs root: a lab of namespaces, the real daemon.
+            // The kernel side needs root: labs of namespaces, the real daemon.
             build(true)?;
             check(cargo().args([
                 "build",
@@ -118,14 +122,14 @@ fn run(cli: Cli) -> Result<()> {
                 "--package",
                 "resil-tests",
                 "--bin",
-                "resil-fastfail",
-                "--bin",
-                "resil-connect",
+                "resil-bench",
             ]))?;
-            check(
-                Command::new(root.join("target/release/resil-fastfail"))
-                    .env("RESIL_BIN", root.join("target/release/resil")),
-            )
+            let mut bench = Command::new(root.join("target/release/resil-bench"));
+            bench.env("RESIL_BIN", root.join("target/release/resil"));
+            if quick {
+                bench.arg("--quick");
+            }
+            check(&mut bench)
         }
         Task::Lint => {
             check(cargo().args(["fmt", "--all", "--", "--check"]))?;

@@ -24,6 +24,10 @@ const PACKAGES: &[(&str, &str)] = &[
     // promtool and a real Prometheus, for the metrics tests.
     ("promtool", "prometheus"),
     ("prometheus", "prometheus"),
+    // Benchmarks: programs' run time and map memory, throughput, the proxy compared with.
+    ("bpftool", "bpftool"),
+    ("iperf3", "iperf3"),
+    ("haproxy", "haproxy"),
 ];
 
 /// Runs every step.

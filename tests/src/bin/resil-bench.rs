@@ -1,0 +1,192 @@
+//! `cargo xtask bench`: measures resil against no agent and against HAProxy, in labs of its
+//! own, and writes `target/bench/report.md` and `report.json`.
+//!
+//! `resil-bench [--quick]` runs the benchmark. `resil-bench client CGROUP NETNS …` is the
+//! client it starts where resil enforces (in the lab's cgroup and client namespace):
+//!
+//! - `connect ADDR MILLIS [RATE]`: connections opened and closed for MILLIS (paced at RATE
+//!   per second if given); prints how many.
+//! - `repeat ADDR N` / `repeat-read ADDR N`: N connections one after the other (with a read,
+//!   for a proxy that accepts first); one JSON line each.
+//! - `loop ADDR MILLIS INTERVAL_MS connect|read`: an attempt every INTERVAL_MS, each in its
+//!   own thread with a 1 s timeout, for MILLIS; one JSON line each.
+
+use std::{
+    fs::File,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::Path,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use nix::sched::{setns, CloneFlags};
+use resil_tests::bench::{self, datapath, failover, traffic, Plan, Section};
+
+const TIMEOUT: Duration = Duration::from_secs(1);
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// One attempt: connect (and, with `read`, send a byte and wait for an answer or the end).
+fn attempt(addr: SocketAddr, read: bool) -> String {
+    let t = unix_now();
+    let start = Instant::now();
+    let result = TcpStream::connect_timeout(&addr, TIMEOUT).and_then(|mut s| {
+        if read {
+            s.set_read_timeout(Some(TIMEOUT))?;
+            s.write_all(b"x")?;
+            let mut buf = [0u8; 1];
+            if s.read(&mut buf)? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        resil_tests::reset_on_close(&s);
+        Ok(())
+    });
+    let us = start.elapsed().as_secs_f64() * 1e6;
+    let outcome = match result {
+        Ok(()) => "ok".to_string(),
+        Err(e) => format!("{:?}", e.kind()),
+    };
+    format!("{{\"t\":{t:.6},\"outcome\":\"{outcome}\",\"us\":{us:.1}}}")
+}
+
+fn client(args: &[String]) -> Result<()> {
+    let [cgroup, netns, mode, rest @ ..] = args else {
+        bail!("usage: resil-bench client CGROUP NETNS MODE …");
+    };
+    std::fs::write(
+        Path::new(cgroup).join("cgroup.procs"),
+        std::process::id().to_string(),
+    )
+    .context("join the cgroup")?;
+    setns(
+        File::open(format!("/run/netns/{netns}"))?,
+        CloneFlags::CLONE_NEWNET,
+    )
+    .context("enter the namespace")?;
+    let mut out = std::io::stdout().lock();
+    match (mode.as_str(), rest) {
+        ("connect", [addr, millis, rate @ ..]) => {
+            let rate = rate.first().map(|r| r.parse()).transpose()?;
+            let done =
+                traffic::connect_loop(addr.parse()?, Duration::from_millis(millis.parse()?), rate);
+            writeln!(out, "{done}")?;
+        }
+        ("repeat" | "repeat-read", [addr, n]) => {
+            let addr: SocketAddr = addr.parse()?;
+            for _ in 0..n.parse::<usize>()? {
+                writeln!(out, "{}", attempt(addr, mode == "repeat-read"))?;
+            }
+        }
+        ("loop", [addr, millis, interval, kind]) => {
+            let addr: SocketAddr = addr.parse()?;
+            let read = kind == "read";
+            let interval = Duration::from_millis(interval.parse()?);
+            let end = Instant::now() + Duration::from_millis(millis.parse()?);
+            let mut threads = Vec::new();
+            while Instant::now() < end {
+                threads.push(thread::spawn(move || attempt(addr, read)));
+                thread::sleep(interval);
+            }
+            for t in threads {
+                writeln!(out, "{}", t.join().unwrap_or_default())?;
+            }
+        }
+        _ => bail!("unknown client mode {mode} {rest:?}"),
+    }
+    Ok(())
+}
+
+/// The breaker engine's figures, from `cargo bench --bench engine` (run first by xtask).
+fn engine(dir: &Path) -> Section {
+    let mut section = Section::new(
+        "Daemon tick",
+        "The breaker engine's tick at 1k, 10k and 100k tracked endpoints (`cargo bench --bench engine`, run first by `cargo xtask bench`): every endpoint recording one outcome per tick, and every circuit open with only time passing. Median and p99 over 200 ticks of one run.",
+    );
+    let Ok(text) = std::fs::read_to_string(dir.join("engine.json")) else {
+        section.skip(
+            "engine ticks",
+            "target/bench/engine.json is missing (run cargo xtask bench)",
+        );
+        return section;
+    };
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap_or_default();
+    for row in rows {
+        let scenario = match row["scenario"].as_str() {
+            Some("outcomes") => "one outcome each + tick",
+            Some("tick_open") => "all open, tick only",
+            Some("table") => "endpoint table: read counters, snapshots, recent figures",
+            _ => continue,
+        };
+        let endpoints = row["endpoints"].as_u64().unwrap_or(0);
+        for (key, what) in [("median_us", "median"), ("p99_us", "p99")] {
+            if let Some(v) = row[key].as_f64() {
+                section.add(
+                    format!("{endpoints} endpoints, {scenario}, {what}"),
+                    "µs",
+                    &[v],
+                    "",
+                );
+            }
+        }
+    }
+    section
+}
+
+fn run_section(
+    sections: &mut Vec<Section>,
+    title: &'static str,
+    f: impl FnOnce() -> Result<Vec<Section>>,
+) {
+    eprintln!("resil-bench: {title} …");
+    match f() {
+        Ok(mut s) => sections.append(&mut s),
+        Err(e) => {
+            let mut s = Section::new(title, "");
+            s.skip(title, format!("{e:#}"));
+            sections.push(s);
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("client") {
+        return client(&args[1..]);
+    }
+    resil_tests::require_root();
+    let quick = args.iter().any(|a| a == "--quick");
+    let plan = if quick { Plan::QUICK } else { Plan::FULL };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    let mut sections = Vec::new();
+    run_section(&mut sections, "Data path: synthetic packets", || {
+        Ok(vec![datapath::synthetic(&plan)?])
+    });
+    run_section(&mut sections, "Throughput and latency overhead", || {
+        traffic::overhead(&plan)
+    });
+    run_section(&mut sections, "Fast-fail", || {
+        Ok(vec![failover::fast_fail(&plan)?])
+    });
+    run_section(&mut sections, "Detection and recovery", || {
+        Ok(vec![failover::detection(&plan)?])
+    });
+    run_section(&mut sections, "Daemon cost", || {
+        Ok(vec![traffic::daemon_cost(&plan)?])
+    });
+    sections.push(engine(&dir));
+    bench::write(&dir, &plan, quick, &sections)?;
+    let report = std::fs::read_to_string(dir.join("report.md"))?;
+    println!("{report}");
+    eprintln!(
+        "resil-bench: wrote {}/report.md and report.json",
+        dir.display()
+    );
+    Ok(())
+}
