@@ -488,6 +488,8 @@ impl Server {
             let bound = (|| -> Result<Vec<TcpListener>> {
                 setns(File::open(&path)?, CloneFlags::CLONE_NEWNET)?;
                 let v4 = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
+                // A deep accept queue: connection-rate tests must not lose SYNs to it.
+                nix::sys::socket::listen(&v4, nix::sys::socket::Backlog::new(LISTEN_BACKLOG)?)?;
                 let v6 = bind_v6_only(port)?;
                 for l in [&v4, &v6] {
                     l.set_nonblocking(true)?;
@@ -528,6 +530,9 @@ impl Server {
     }
 }
 
+/// Accept-queue length of the lab's servers.
+const LISTEN_BACKLOG: i32 = 1024;
+
 fn bind_v6_only(port: u16) -> Result<TcpListener> {
     use nix::sys::socket::{
         bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
@@ -548,7 +553,7 @@ fn bind_v6_only(port: u16) -> Result<TcpListener> {
         0,
     ));
     bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)?;
-    listen(&fd, Backlog::new(128)?)?;
+    listen(&fd, Backlog::new(LISTEN_BACKLOG)?)?;
     Ok(TcpListener::from(fd))
 }
 

@@ -302,7 +302,7 @@ pub fn overhead(plan: &Plan) -> Result<Vec<Section>> {
 /// What the daemon costs: CPU and memory at paced connection rates, and its BPF maps.
 pub fn daemon_cost(plan: &Plan) -> Result<Section> {
     let lab = Lab::new("bc")?;
-    let _server = lab.serve(8080, ServeMode::Discard)?;
+    let _server = lab.serve(8080, ServeMode::Close)?;
     let addr = SocketAddr::new(lab.server_ip(Family::V4), 8080);
     let mut section = Section::new(
         "Daemon cost",
@@ -333,12 +333,17 @@ pub fn daemon_cost(plan: &Plan) -> Result<Section> {
             "",
         );
         section.add(
-            format!("daemon CPU at {target} conn/s"),
+            format!("daemon CPU, target {target} conn/s"),
             "% of a core",
             &cpu,
             "",
         );
-        section.add(format!("daemon RSS at {target} conn/s"), "MiB", &rss, "");
+        section.add(
+            format!("daemon RSS, target {target} conn/s"),
+            "MiB",
+            &rss,
+            "",
+        );
     }
     // The kernel's memory for resil's maps (what the verifier charges).
     let daemon = lab.daemon_with_args("", &["--metrics", "off"])?;

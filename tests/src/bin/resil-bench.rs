@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: measures resil against no agent and against HAProxy, in labs of its
 //! own, and writes `target/bench/report.md` and `report.json`.
 //!
-//! `resil-bench [--quick]` runs the benchmark. `resil-bench client CGROUP NETNS …` is the
+//! `resil-bench [--quick] [--only WORD]` runs the benchmark (with `--only`, the sections whose
+//! title contains WORD). `resil-bench client CGROUP NETNS …` is the
 //! client it starts where resil enforces (in the lab's cgroup and client namespace):
 //!
 //! - `connect ADDR MILLIS [RATE]`: connections opened and closed for MILLIS (paced at RATE
@@ -139,11 +140,16 @@ fn engine(dir: &Path) -> Section {
     section
 }
 
+/// Runs one section (unless `only` names others) and keeps its result, or why it failed.
 fn run_section(
     sections: &mut Vec<Section>,
+    only: Option<&str>,
     title: &'static str,
     f: impl FnOnce() -> Result<Vec<Section>>,
 ) {
+    if only.is_some_and(|word| !title.to_lowercase().contains(&word.to_lowercase())) {
+        return;
+    }
     eprintln!("resil-bench: {title} …");
     match f() {
         Ok(mut s) => sections.append(&mut s),
@@ -162,25 +168,35 @@ fn main() -> Result<()> {
     }
     resil_tests::require_root();
     let quick = args.iter().any(|a| a == "--quick");
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str);
     let plan = if quick { Plan::QUICK } else { Plan::FULL };
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     let mut sections = Vec::new();
-    run_section(&mut sections, "Data path: synthetic packets", || {
+    run_section(&mut sections, only, "Data path: synthetic packets", || {
         Ok(vec![datapath::synthetic(&plan)?])
     });
-    run_section(&mut sections, "Throughput and latency overhead", || {
-        traffic::overhead(&plan)
-    });
-    run_section(&mut sections, "Fast-fail", || {
+    run_section(
+        &mut sections,
+        only,
+        "Throughput and latency overhead",
+        || traffic::overhead(&plan),
+    );
+    run_section(&mut sections, only, "Fast-fail", || {
         Ok(vec![failover::fast_fail(&plan)?])
     });
-    run_section(&mut sections, "Detection and recovery", || {
+    run_section(&mut sections, only, "Detection and recovery", || {
         Ok(vec![failover::detection(&plan)?])
     });
-    run_section(&mut sections, "Daemon cost", || {
+    run_section(&mut sections, only, "Daemon cost", || {
         Ok(vec![traffic::daemon_cost(&plan)?])
     });
-    sections.push(engine(&dir));
+    if only.is_none_or(|word| "daemon tick".contains(&word.to_lowercase())) {
+        sections.push(engine(&dir));
+    }
     bench::write(&dir, &plan, quick, &sections)?;
     let report = std::fs::read_to_string(dir.join("report.md"))?;
     println!("{report}");
