@@ -326,6 +326,14 @@ impl<'a> Dependency<'a> {
     }
 }
 
+/// Attempts started in `[from, to)` (Unix seconds) that failed.
+fn failed_between(attempts: &[Attempt], from: f64, to: f64) -> f64 {
+    attempts
+        .iter()
+        .filter(|a| a.start >= from && a.start < to && !a.ok)
+        .count() as f64
+}
+
 /// The time of the first breaker transition to `to` for `endpoint` after `after`.
 fn transition(daemon: &Daemon, endpoint: &str, to: &str, after: f64) -> Option<f64> {
     daemon
@@ -360,12 +368,7 @@ pub fn detection(plan: &Plan) -> Result<Section> {
             let endpoint = addr.to_string();
             if let Some(open) = transition(&daemon, &endpoint, "open", died) {
                 detect.push((open - died) * 1e3);
-                suffered.push(
-                    attempts
-                        .iter()
-                        .filter(|a| a.start >= died && a.start < open && !a.ok)
-                        .count() as f64,
-                );
+                suffered.push(failed_between(&attempts, died, open));
             }
             if let Some(closed) = transition(&daemon, &endpoint, "closed", back) {
                 recover.push((closed - back) * 1e3);
@@ -431,12 +434,7 @@ pub fn detection(plan: &Plan) -> Result<Section> {
                 let attempts = finish_loop(client)?;
                 if let Some(down) = down {
                     detect.push((down - died) * 1e3);
-                    suffered.push(
-                        attempts
-                            .iter()
-                            .filter(|a| a.start >= died && a.start < down && !a.ok)
-                            .count() as f64,
-                    );
+                    suffered.push(failed_between(&attempts, died, down));
                 }
                 if let Some(up) = up {
                     recover.push((up - back) * 1e3);
