@@ -429,6 +429,7 @@ impl Agent {
                     latency: l.latency,
                     last_failure: l.last_failure,
                     ever_established: l.ever_established,
+                    answered_last: l.answered_last,
                 }
             })
             .collect();

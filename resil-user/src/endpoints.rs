@@ -53,6 +53,10 @@ pub struct Lately {
     pub last_failure: Option<FailureKind>,
     /// Whether any connection to it ever completed.
     pub ever_established: bool,
+    /// Whether the latest news from it was an answer (a handshake, a refusal, a reset) rather
+    /// than silence (a timeout, an ICMP unreachable): a port that worked and then went quiet
+    /// is quiet now, whatever the earlier part of the window says.
+    pub answered_last: bool,
 }
 
 /// Figures of one endpoint.
@@ -72,6 +76,9 @@ struct Endpoint {
     recent: Recent<Snapshot>,
     /// The kind of the last failure seen.
     last_failure: Option<FailureKind>,
+    /// The table's tick of the latest answer, and of the latest silence.
+    last_answer: u64,
+    last_silence: u64,
     /// Connections counted open (established − closed) that the kernel's connection table
     /// no longer holds, as of the last census: they ended unseen or were evicted.
     open_drift: u64,
@@ -87,6 +94,8 @@ impl Endpoint {
             last_change: 0,
             recent: Recent::new(Snapshot::default(), now_ns),
             last_failure: None,
+            last_answer: 0,
+            last_silence: 0,
             open_drift: 0,
         }
     }
@@ -206,6 +215,7 @@ impl EndpointTable {
                 latency,
                 last_failure: e.last_failure,
                 ever_established: e.total.established > 0,
+                answered_last: e.last_answer >= e.last_silence,
             });
         }
         out
@@ -289,6 +299,12 @@ impl EndpointTable {
             &e.last
         };
         let delta = now.since(l);
+        if delta.established > 0 || delta.refused > 0 || delta.resets_in > 0 {
+            e.last_answer = tick + 1;
+        }
+        if delta.unreachable > 0 {
+            e.last_silence = tick + 1;
+        }
         if delta.refused > 0 {
             e.last_failure = Some(FailureKind::Refused);
         } else if delta.unreachable > 0 {
@@ -307,6 +323,7 @@ impl EndpointTable {
         let e = self.entry(key);
         e.timeouts += 1;
         e.last_failure = Some(FailureKind::Timeout);
+        e.last_silence = tick + 1;
         e.last_change = tick;
     }
 

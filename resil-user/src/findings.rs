@@ -179,6 +179,8 @@ pub struct Observed {
     /// Whether a connection to it ever completed (a port nobody ever served is not a
     /// service: scanners knock on closed ports all day).
     pub ever_established: bool,
+    /// Whether the latest news from it was an answer rather than silence.
+    pub answered_last: bool,
 }
 
 /// What one resolver did lately.
@@ -270,9 +272,16 @@ fn base_evidence(o: &Observed) -> Evidence {
     }
 }
 
-/// Whether an outbound endpoint got any answer lately (a handshake, a refusal, a reset).
+/// Whether an outbound endpoint answers: it got answers lately (a handshake, a refusal, a
+/// reset), and nothing has gone unanswered since the last of them.
 fn answered(o: &Observed) -> bool {
-    o.recent.established > 0 || o.recent.refused > 0 || o.recent.resets_in > 0
+    o.answered_last && (o.recent.established > 0 || o.recent.refused > 0 || o.recent.resets_in > 0)
+}
+
+/// Whether the endpoint's circuit opened on failures of these kinds (and holds it failed).
+fn opened_on(o: &Observed, kinds: &[FailureKind]) -> bool {
+    o.breaker.as_ref().is_some_and(|b| b.failing)
+        && o.last_failure.is_some_and(|k| kinds.contains(&k))
 }
 
 /// Handshakes that got no answer at all lately: timeouts and ICMP unreachable.
@@ -280,15 +289,10 @@ fn unanswered(o: &Observed) -> u64 {
     o.timeouts + o.recent.unreachable
 }
 
-/// Whether an outbound endpoint looks dead: unanswered handshakes and no answer, or a breaker
-/// that opened on silence (timeouts, unreachable) with no traffic since to say otherwise.
+/// Whether an outbound endpoint looks dead: unanswered handshakes and no answer since, or a
+/// breaker that opened on silence (timeouts, unreachable).
 fn silent(o: &Observed) -> bool {
-    let opened_on_silence = o.breaker.as_ref().is_some_and(|b| b.failing)
-        && o.recent.attempts == 0
-        && matches!(
-            o.last_failure,
-            Some(FailureKind::Timeout | FailureKind::Unreachable)
-        );
+    let opened_on_silence = opened_on(o, &[FailureKind::Timeout, FailureKind::Unreachable]);
     !answered(o) && (unanswered(o) > 0 || opened_on_silence)
 }
 
@@ -384,7 +388,10 @@ fn host_down(ip: IpAddr, dead: &[&Observed], found: &mut Vec<Detected>) {
 fn dependency(o: &Observed, host_answers: bool, found: &mut Vec<Detected>) {
     let r = &o.recent;
     let refused_share = share(r.refused, r.attempts);
-    if r.refused >= MIN_FAILURES && refused_share >= REFUSAL_SHARE {
+    // Successes from before it began refusing may still be in the window: a circuit that
+    // opened on refusals says it refuses now.
+    let refusing = refused_share >= REFUSAL_SHARE || opened_on(o, &[FailureKind::Refused]);
+    if r.refused >= MIN_FAILURES && refusing {
         let summary = format!(
             "{} refusing connections: {} of {} attempts ({}) in the last {:.0} s, while its host answers",
             o.display, r.refused, r.attempts, percent(refused_share), o.window_s

@@ -89,6 +89,33 @@ fn a_host_blackholed_on_all_ports_is_host_down() {
 }
 
 #[test]
+fn a_host_that_worked_and_vanishes_is_reported_before_its_successes_age_out() {
+    let lab = Lab::new("fv").unwrap();
+    let daemon = lab.daemon().unwrap();
+    let _server = lab.serve(8080, ServeMode::Echo).unwrap();
+    let addr = SocketAddr::new(lab.server_ip(Family::V4), 8080);
+    lab.client(|| {
+        for _ in 0..5 {
+            connect(addr, Duration::from_secs(2)).expect("up");
+        }
+    });
+    lab.server_input_rule("tcp dport 8080 drop").unwrap();
+    let vanished = Instant::now();
+    lab.client(|| {
+        for _ in 0..4 {
+            let _ = connect(addr, Duration::from_millis(200));
+        }
+    });
+    // Its handshakes are still in the 10-20 s window; the newest news is silence.
+    wait_finding(&daemon, "host_down", |f| f["domain"] == "host_down");
+    assert!(
+        vanished.elapsed() < Duration::from_secs(9),
+        "took {:?}: the earlier successes hid it",
+        vanished.elapsed()
+    );
+}
+
+#[test]
 fn one_port_refusing_while_another_answers_is_a_dependency_failure() {
     let lab = Lab::new("fd").unwrap();
     let daemon = lab.daemon().unwrap();

@@ -94,18 +94,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Task::Demo => {
             setup::run()?;
-            build(true)?;
-            check(cargo().args([
-                "build",
-                "--release",
-                "--package",
-                "resil-tests",
-                "--bin",
-                "resil-demo",
-                "--bin",
-                "resil-connect",
-            ]))?;
-            let bin = root.join("target/release/resil-demo");
+            let bin = lab_tool(&root, "resil-demo", &["resil-connect"])?;
             let error = Command::new(&bin)
                 .env("RESIL_BIN", root.join("target/release/resil"))
                 .exec();
@@ -115,16 +104,7 @@ fn run(cli: Cli) -> Result<()> {
             setup::run()?;
             check(cargo().args(["bench", "--package", "resil-user", "--bench", "engine"]))?;
             // The kernel side needs root: labs of namespaces, the real daemon.
-            build(true)?;
-            check(cargo().args([
-                "build",
-                "--release",
-                "--package",
-                "resil-tests",
-                "--bin",
-                "resil-bench",
-            ]))?;
-            let mut bench = Command::new(root.join("target/release/resil-bench"));
+            let mut bench = Command::new(lab_tool(&root, "resil-bench", &[])?);
             bench.env("RESIL_BIN", root.join("target/release/resil"));
             if quick {
                 bench.arg("--quick");
@@ -143,6 +123,26 @@ fn workspace_root() -> PathBuf {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Builds the release `resil` and the lab binary `name` of the tests crate (with the `also`
+/// it starts); returns the path of `name`.
+fn lab_tool(root: &Path, name: &str, also: &[&str]) -> Result<PathBuf> {
+    build(true)?;
+    let mut cmd = cargo();
+    cmd.args([
+        "build",
+        "--release",
+        "--package",
+        "resil-tests",
+        "--bin",
+        name,
+    ]);
+    for bin in also {
+        cmd.args(["--bin", bin]);
+    }
+    check(&mut cmd)?;
+    Ok(root.join("target/release").join(name))
 }
 
 /// `cargo` from the toolchain running xtask (stable), never a rustup override.

@@ -14,6 +14,7 @@ fn observed(addr: &str, side: Side) -> Observed {
         latency: None,
         last_failure: None,
         ever_established: true,
+        answered_last: true,
     }
 }
 
@@ -383,4 +384,41 @@ fn resets_from_the_path_are_communication_not_the_dependency() {
         .finding
         .summary
         .contains("6 connections reset by something on the path"));
+}
+
+#[test]
+fn a_port_that_worked_and_went_silent_is_down_at_once() {
+    // Handshakes completed earlier in the window, then only timeouts.
+    let went_quiet = with("10.0.3.7:8080", Side::Outbound, |o| {
+        o.recent.attempts = 20;
+        o.recent.established = 15;
+        o.timeouts = 5;
+        o.answered_last = false;
+        o.last_failure = Some(FailureKind::Timeout);
+    });
+    let found = classify(&[went_quiet], &[]);
+    assert_eq!(
+        domains(&found),
+        [(Domain::HostDown, "host_down/10.0.3.7".into())]
+    );
+}
+
+#[test]
+fn a_port_that_worked_and_now_refuses_with_its_circuit_open_is_refusing() {
+    let dead = with("10.0.3.7:5432", Side::Outbound, |o| {
+        o.recent.attempts = 20;
+        o.recent.established = 15;
+        o.recent.refused = 5;
+        o.last_failure = Some(FailureKind::Refused);
+        o.breaker = Some(BreakerView {
+            state: "open".into(),
+            reason: Some("5 consecutive failures".into()),
+            failing: true,
+        });
+    });
+    let found = classify(&[dead], &[]);
+    assert_eq!(
+        domains(&found),
+        [(Domain::Dependency, "refusing/outbound/10.0.3.7:5432".into())]
+    );
 }
