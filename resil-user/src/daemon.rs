@@ -230,6 +230,9 @@ impl Agent {
         for key in keys {
             let addr = socket_addr(&key);
             let rule = services::rule_for(&self.config.services, &addr);
+            if rule.is_none() && self.shedding.reason(&key).is_none() {
+                continue;
+            }
             let endpoint = addr.to_string();
             let unhealthy = self
                 .findings
@@ -430,6 +433,7 @@ impl Agent {
                     last_failure: l.last_failure,
                     ever_established: l.ever_established,
                     answered_last: l.answered_last,
+                    unanswered_run: l.unanswered_run,
                 }
             })
             .collect();

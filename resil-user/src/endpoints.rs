@@ -57,6 +57,8 @@ pub struct Lately {
     /// than silence (a timeout, an ICMP unreachable): a port that worked and then went quiet
     /// is quiet now, whatever the earlier part of the window says.
     pub answered_last: bool,
+    /// Handshakes unanswered (timeouts, ICMP unreachable) since its last answer.
+    pub unanswered_run: u64,
 }
 
 /// Figures of one endpoint.
@@ -79,6 +81,8 @@ struct Endpoint {
     /// The table's tick of the latest answer, and of the latest silence.
     last_answer: u64,
     last_silence: u64,
+    /// Handshakes unanswered since the latest answer.
+    unanswered_run: u64,
     /// Connections counted open (established − closed) that the kernel's connection table
     /// no longer holds, as of the last census: they ended unseen or were evicted.
     open_drift: u64,
@@ -96,6 +100,7 @@ impl Endpoint {
             last_failure: None,
             last_answer: 0,
             last_silence: 0,
+            unanswered_run: 0,
             open_drift: 0,
         }
     }
@@ -216,6 +221,7 @@ impl EndpointTable {
                 last_failure: e.last_failure,
                 ever_established: e.total.established > 0,
                 answered_last: e.last_answer >= e.last_silence,
+                unanswered_run: e.unanswered_run,
             });
         }
         out
@@ -241,12 +247,12 @@ impl EndpointTable {
         self.endpoints.get(key).map_or(0, Endpoint::open)
     }
 
-    /// A local service's connections accepted, and refused or reset by it, in all.
+    /// A local service's connections accepted, and refused by it, in all.
     pub fn service_counters(&self, key: &EndpointKey) -> crate::services::ServiceCounters {
         self.endpoints.get(key).map_or_else(Default::default, |e| {
             crate::services::ServiceCounters {
                 established: e.total.established,
-                failed: e.total.refused + e.total.resets_out,
+                failed: e.total.refused,
             }
         })
     }
@@ -301,9 +307,11 @@ impl EndpointTable {
         let delta = now.since(l);
         if delta.established > 0 || delta.refused > 0 || delta.resets_in > 0 {
             e.last_answer = tick + 1;
+            e.unanswered_run = 0;
         }
         if delta.unreachable > 0 {
             e.last_silence = tick + 1;
+            e.unanswered_run += delta.unreachable;
         }
         if delta.refused > 0 {
             e.last_failure = Some(FailureKind::Refused);
@@ -324,6 +332,7 @@ impl EndpointTable {
         e.timeouts += 1;
         e.last_failure = Some(FailureKind::Timeout);
         e.last_silence = tick + 1;
+        e.unanswered_run += 1;
         e.last_change = tick;
     }
 

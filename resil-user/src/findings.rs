@@ -181,6 +181,8 @@ pub struct Observed {
     pub ever_established: bool,
     /// Whether the latest news from it was an answer rather than silence.
     pub answered_last: bool,
+    /// Handshakes unanswered since its last answer.
+    pub unanswered_run: u64,
 }
 
 /// What one resolver did lately.
@@ -284,9 +286,10 @@ fn opened_on(o: &Observed, kinds: &[FailureKind]) -> bool {
         && o.last_failure.is_some_and(|k| kinds.contains(&k))
 }
 
-/// Handshakes that got no answer at all lately: timeouts and ICMP unreachable.
+/// Handshakes that got no answer at all lately (timeouts, ICMP unreachable), counting only
+/// those since the last answer: a few scattered among successes are no dead host.
 fn unanswered(o: &Observed) -> u64 {
-    o.timeouts + o.recent.unreachable
+    (o.timeouts + o.recent.unreachable).min(o.unanswered_run)
 }
 
 /// Whether an outbound endpoint looks dead: unanswered handshakes and no answer since, or a
@@ -354,7 +357,7 @@ fn host_down(ip: IpAddr, dead: &[&Observed], found: &mut Vec<Detected>) {
     };
     let summary = if timeouts + unreachable > 0 {
         format!(
-            "{host} is not answering: {} handshakes on {port_words} got no answer ({timeouts} timed out, {unreachable} ICMP unreachable), none answered",
+            "{host} is not answering: {} handshakes on {port_words} got no answer ({timeouts} timed out, {unreachable} ICMP unreachable)",
             timeouts + unreachable
         )
     } else {
@@ -366,7 +369,7 @@ fn host_down(ip: IpAddr, dead: &[&Observed], found: &mut Vec<Detected>) {
         attempts: Some(attempts),
         timeouts: Some(timeouts),
         unreachable: Some(unreachable),
-        established: Some(0),
+        established: Some(dead.iter().map(|o| o.recent.established).sum()),
         breaker: (!breakers.is_empty()).then(|| breakers.join(", ")),
         ..Evidence::default()
     };

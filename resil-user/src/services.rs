@@ -68,6 +68,8 @@ impl std::fmt::Display for ShedReason {
 pub const SHED_HOLD_NS: u64 = 5_000_000_000;
 /// … doubling after each failed probe, up to this.
 pub const SHED_HOLD_MAX_NS: u64 = 60_000_000_000;
+/// A probe token without an outcome after this long is replaced by a fresh one.
+pub const PROBE_WAIT_NS: u64 = 10_000_000_000;
 /// Shedding for a bulkhead lasts at least this long, so a service at its limit does not
 /// switch every tick.
 pub const BULKHEAD_MIN_NS: u64 = 1_000_000_000;
@@ -86,6 +88,8 @@ enum Phase {
         hold_ns: u64,
         established: u64,
         failed: u64,
+        /// When this generation's token was handed out.
+        since_ns: u64,
     },
 }
 
@@ -138,7 +142,7 @@ impl<K> Default for Shedder<K> {
 pub struct ServiceCounters {
     /// Connections accepted (handshakes completed).
     pub established: u64,
-    /// Connections refused or reset by the service.
+    /// Connections refused by the service.
     pub failed: u64,
 }
 
@@ -211,6 +215,7 @@ impl<K: Copy + Eq + std::hash::Hash> Shedder<K> {
                             hold_ns,
                             established: counters.established,
                             failed: counters.failed,
+                            since_ns: now_ns,
                         };
                     }
                 }
@@ -223,6 +228,7 @@ impl<K: Copy + Eq + std::hash::Hash> Shedder<K> {
                             hold_ns,
                             established,
                             failed,
+                            since_ns,
                             ..
                         },
                     ..
@@ -232,7 +238,10 @@ impl<K: Copy + Eq + std::hash::Hash> Shedder<K> {
                 if !rule.shed_when_unhealthy {
                     return self.end(key, false);
                 }
-                if counters.failed > failed {
+                // An accepted connection is the answer hoped for; a refusal the one feared.
+                if counters.established > established {
+                    self.end(key, true)
+                } else if counters.failed > failed {
                     let hold_ns = (hold_ns * 2).min(SHED_HOLD_MAX_NS);
                     if let Some(shed) = self.shed.get_mut(&key) {
                         shed.phase = Phase::Holding {
@@ -241,8 +250,21 @@ impl<K: Copy + Eq + std::hash::Hash> Shedder<K> {
                         };
                     }
                     None
-                } else if counters.established > established {
-                    self.end(key, true)
+                } else if now_ns.saturating_sub(since_ns) >= PROBE_WAIT_NS {
+                    // The token was taken by a connection that came to nothing (a scanner, a
+                    // client that gave up), or nobody came: hand out a fresh one.
+                    self.generation = self.generation.wrapping_add(1);
+                    let generation = self.generation;
+                    if let Some(shed) = self.shed.get_mut(&key) {
+                        shed.phase = Phase::Probing {
+                            generation,
+                            hold_ns,
+                            established,
+                            failed,
+                            since_ns: now_ns,
+                        };
+                    }
+                    None
                 } else {
                     None // no client came yet: the probe token waits
                 }

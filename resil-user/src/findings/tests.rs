@@ -15,12 +15,17 @@ fn observed(addr: &str, side: Side) -> Observed {
         last_failure: None,
         ever_established: true,
         answered_last: true,
+        unanswered_run: 0,
     }
 }
 
 fn with(addr: &str, side: Side, f: impl FnOnce(&mut Observed)) -> Observed {
     let mut o = observed(addr, side);
     f(&mut o);
+    // Unless a test says otherwise, its unanswered handshakes came after any answer.
+    if o.unanswered_run == 0 {
+        o.unanswered_run = o.timeouts + o.recent.unreachable;
+    }
     o
 }
 
@@ -421,4 +426,16 @@ fn a_port_that_worked_and_now_refuses_with_its_circuit_open_is_refusing() {
         domains(&found),
         [(Domain::Dependency, "refusing/outbound/10.0.3.7:5432".into())]
     );
+}
+
+#[test]
+fn a_few_timeouts_among_successes_are_no_dead_host() {
+    let busy = with("10.0.3.7:80", Side::Outbound, |o| {
+        o.recent.attempts = 18;
+        o.recent.established = 15;
+        o.timeouts = 3;
+        o.answered_last = false; // the newest news happens to be a timeout …
+        o.unanswered_run = 1; // … but only one since the last answer
+    });
+    assert!(classify(&[busy], &[]).is_empty());
 }

@@ -53,7 +53,7 @@ fn start_loop(
     time: Duration,
     interval: Duration,
     read: bool,
-) -> Result<Child> {
+) -> Result<Loop> {
     Command::new(crate::target_bin("resil-bench"))
         .arg("client")
         .arg(&lab.cgroup)
@@ -67,10 +67,25 @@ fn start_loop(
         ])
         .stdout(Stdio::piped())
         .spawn()
+        .map(|child| Loop(Some(child)))
         .context("start resil-bench client loop")
 }
 
-fn finish_loop(child: Child) -> Result<Vec<Attempt>> {
+/// A running client loop, killed if dropped before it is finished (so a failed step leaves
+/// no process in the lab's cgroup).
+struct Loop(Option<Child>);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn finish_loop(mut running: Loop) -> Result<Vec<Attempt>> {
+    let child = running.0.take().context("the client loop is gone")?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!("the client loop failed");
@@ -177,6 +192,18 @@ impl Drop for Haproxy {
     }
 }
 
+/// `resil trip|reset|disable ENDPOINT`, which must succeed.
+fn operator(daemon: &Daemon, action: &str, endpoint: &str) -> Result<()> {
+    let out = daemon.cli(&[action, endpoint])?;
+    if !out.status.success() {
+        bail!(
+            "resil {action} {endpoint}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
 /// Fast-fail: the time for a client to learn that the endpoint is dead.
 pub fn fast_fail(plan: &Plan) -> Result<Section> {
     let lab = Lab::new("bf")?;
@@ -197,9 +224,18 @@ pub fn fast_fail(plan: &Plan) -> Result<Section> {
     for _ in 0..plan.runs {
         let daemon = lab.daemon_with_args("", &["--metrics", "off"])?;
         let addr = SocketAddr::new(lab.server_ip(Family::V4), 9);
-        let peer = parse_attempts(&traffic::client(&lab, &["repeat", &addr.to_string(), &n])?);
-        daemon.cli(&["trip", &addr.to_string()])?;
-        let refused = parse_attempts(&traffic::client(&lab, &["repeat", &addr.to_string(), &n])?);
+        let endpoint = addr.to_string();
+        // The peer's refusals, with resil attached but its circuit disabled (so it never
+        // opens under them), then with the circuit forced open.
+        operator(&daemon, "disable", &endpoint)?;
+        let peer = parse_attempts(&traffic::client(&lab, &["repeat", &endpoint, &n])?);
+        let e = daemon.wait_for(&endpoint, Duration::from_secs(10), |e| e.refused > 0);
+        if e.fast_failed > 0 {
+            bail!("resil refused some of the peer's baseline: {e:?}");
+        }
+        operator(&daemon, "reset", &endpoint)?;
+        operator(&daemon, "trip", &endpoint)?;
+        let refused = parse_attempts(&traffic::client(&lab, &["repeat", &endpoint, &n])?);
         drop(daemon);
         let (p50, p99) = percentiles(peer.iter().map(|a| a.micros).collect());
         let (r50, r99) = percentiles(refused.iter().map(|a| a.micros).collect());
@@ -220,7 +256,7 @@ pub fn fast_fail(plan: &Plan) -> Result<Section> {
         "connect() refused by the peer without resil, p50",
         "µs",
         &peer50,
-        "nothing listens: the peer's RST",
+        "nothing listens: the peer's RST (resil attached, this circuit disabled)",
     );
     section.add(
         "connect() refused by the peer without resil, p99",

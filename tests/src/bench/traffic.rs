@@ -67,10 +67,11 @@ fn iperf3(lab: &Lab, seconds: u64) -> Result<f64> {
         .arg(super::tool("iperf3"))
         .args(["-c", "10.200.0.2", "-p", "5201", "-J"])
         .args(["-t", &seconds.to_string()])
-        .output()
-        .context("run iperf3 -c")?;
+        .output();
+    // The server goes whatever the client did.
     let _ = server.kill();
     let _ = server.wait();
+    let out = out.context("run iperf3 -c")?;
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3's JSON")?;
     report["end"]["sum_received"]["bits_per_second"]
         .as_f64()
@@ -207,7 +208,7 @@ pub fn overhead(plan: &Plan) -> Result<Vec<Section>> {
                         continue;
                     };
                     if count > *c0 {
-                        let ns = (time - t0) as f64 / (count - c0) as f64;
+                        let ns = time.saturating_sub(*t0) as f64 / (count - c0) as f64;
                         match program_ns.iter_mut().find(|(n, _)| *n == name) {
                             Some((_, v)) => v.push(ns),
                             None => program_ns.push((name, vec![ns])),
@@ -336,7 +337,7 @@ pub fn daemon_cost(plan: &Plan) -> Result<Section> {
             format!("daemon CPU, target {target} conn/s"),
             "% of a core",
             &cpu,
-            "",
+            "at the rate achieved",
         );
         section.add(
             format!("daemon RSS, target {target} conn/s"),
