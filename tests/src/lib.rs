@@ -23,6 +23,7 @@ use nix::sched::{setns, CloneFlags};
 use resil_user::api::{EndpointStatus, StatusReport};
 
 pub mod bench;
+pub mod cleanup;
 pub mod dns;
 
 static LABS: AtomicUsize = AtomicUsize::new(0);
@@ -113,6 +114,9 @@ impl Lab {
     /// Builds a fresh lab. `tag` (a few letters) makes names readable in `ip netns`.
     pub fn new(tag: &str) -> Result<Lab> {
         require_root();
+        if cleanup::closed() {
+            bail!("interrupted");
+        }
         let n = LABS.fetch_add(1, Ordering::SeqCst);
         let id = format!("{}{}", std::process::id() % 100_000, n);
         let lab = Lab {
@@ -126,6 +130,9 @@ impl Lab {
         // From here on, Drop cleans up whatever part was made.
         std::fs::create_dir_all(&lab.dir)?;
         std::fs::create_dir_all(&lab.cgroup)?;
+        cleanup::cgroup(&lab.cgroup);
+        cleanup::namespace(&lab.client_ns);
+        cleanup::namespace(&lab.server_ns);
         sh("ip", &["netns", "add", &lab.client_ns])?;
         sh("ip", &["netns", "add", &lab.server_ns])?;
         sh(
@@ -315,6 +322,11 @@ impl Drop for Lab {
         let _ = std::fs::remove_dir_all(&self.dir);
         // Its processes (clients) have exited by now; an empty cgroup is removed with rmdir.
         let _ = std::fs::remove_dir(&self.cgroup);
+        cleanup::forget(
+            &[&self.client_ns, &self.server_ns],
+            Some(&self.cgroup),
+            None,
+        );
     }
 }
 
@@ -337,6 +349,9 @@ impl RoutedLab {
     /// Builds the three namespaces; addresses as in [`Lab`] for the server.
     pub fn new(tag: &str) -> Result<RoutedLab> {
         require_root();
+        if cleanup::closed() {
+            bail!("interrupted");
+        }
         let n = LABS.fetch_add(1, Ordering::SeqCst);
         let id = format!("{}{}", std::process::id() % 100_000, n);
         let lab = RoutedLab {
@@ -350,6 +365,10 @@ impl RoutedLab {
         };
         std::fs::create_dir_all(&lab.dir)?;
         std::fs::create_dir_all(&lab.cgroup)?;
+        cleanup::cgroup(&lab.cgroup);
+        for ns in [&lab.client_ns, &lab.router_ns, &lab.server_ns] {
+            cleanup::namespace(ns);
+        }
         let (c, r, s) = (&lab.client_ns, &lab.router_ns, &lab.server_ns);
         for ns in [c, r, s] {
             sh("ip", &["netns", "add", ns])?;
@@ -455,6 +474,11 @@ impl Drop for RoutedLab {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
         let _ = std::fs::remove_dir(&self.cgroup);
+        cleanup::forget(
+            &[&self.client_ns, &self.router_ns, &self.server_ns],
+            Some(&self.cgroup),
+            None,
+        );
     }
 }
 
@@ -705,6 +729,13 @@ impl Daemon {
             .stderr(log_file)
             .spawn()
             .context("cannot start resil daemon")?;
+        cleanup::process(child.id());
+        if cleanup::closed() {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("interrupted");
+        }
         let mut daemon = Daemon {
             child: Some(child),
             socket,
@@ -873,6 +904,7 @@ fn terminate(child: &mut Child) -> Result<std::process::ExitStatus> {
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            cleanup::forget(&[], None, Some(child.id()));
             let _ = terminate(&mut child);
         }
     }

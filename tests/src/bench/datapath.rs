@@ -190,16 +190,33 @@ pub struct BpfStats(String);
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
+/// The value to restore if the run is interrupted while statistics are on.
+static RESTORE: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
 impl BpfStats {
     pub fn enable() -> Result<BpfStats> {
         let before = std::fs::read_to_string(BPF_STATS).context("read bpf_stats_enabled")?;
+        let before = before.trim().to_string();
+        if let Ok(mut restore) = RESTORE.lock() {
+            *restore = Some(before.clone());
+        }
         std::fs::write(BPF_STATS, "1").context("enable bpf_stats_enabled")?;
-        Ok(BpfStats(before.trim().to_string()))
+        Ok(BpfStats(before))
+    }
+
+    /// Puts `kernel.bpf_stats_enabled` back if a run left it on (after an interruption).
+    pub fn restore() {
+        if let Some(value) = RESTORE.lock().ok().and_then(|mut r| r.take()) {
+            let _ = std::fs::write(BPF_STATS, value);
+        }
     }
 }
 
 impl Drop for BpfStats {
     fn drop(&mut self) {
         let _ = std::fs::write(BPF_STATS, &self.0);
+        if let Ok(mut restore) = RESTORE.lock() {
+            *restore = None;
+        }
     }
 }

@@ -133,6 +133,7 @@ impl Haproxy {
             .stderr(Stdio::null())
             .spawn()
             .context("start haproxy (Debian package haproxy)")?;
+        crate::cleanup::process(child.id());
         let proxy = Haproxy { child, socket };
         let deadline = Instant::now() + Duration::from_secs(10);
         while proxy.state().is_err() {
@@ -187,6 +188,7 @@ impl Haproxy {
 
 impl Drop for Haproxy {
     fn drop(&mut self) {
+        crate::cleanup::forget(&[], None, Some(self.child.id()));
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -140,6 +140,46 @@ fn engine(dir: &Path) -> Section {
     section
 }
 
+/// The write end of the pipe the signal handler wakes the clean-up thread through.
+static WAKE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn on_signal(_: nix::libc::c_int) {
+    let fd = WAKE.load(std::sync::atomic::Ordering::Relaxed);
+    // SAFETY: write(2) is async-signal-safe; the buffer is a static byte.
+    unsafe { nix::libc::write(fd, b"x".as_ptr().cast(), 1) };
+}
+
+/// Ctrl-C or SIGTERM: remove the labs, stop their processes, put the kernel's statistics
+/// setting back, and exit. The handler only writes to a pipe; a thread does the work. (Blocking
+/// the signals instead would block them in every daemon this run starts, too.)
+fn on_interrupt_clean_up() -> Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let (read, write) = nix::unistd::pipe().context("a pipe for signals")?;
+    WAKE.store(
+        std::os::fd::IntoRawFd::into_raw_fd(write),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for signal in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only calls write(2).
+        unsafe { sigaction(signal, &action) }.context("handle SIGINT and SIGTERM")?;
+    }
+    thread::spawn(move || {
+        let mut byte = [0u8; 1];
+        if nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&read), &mut byte).is_ok() {
+            eprintln!("resil-bench: interrupted; removing the labs");
+            datapath::BpfStats::restore();
+            resil_tests::cleanup::everything();
+            std::process::exit(130);
+        }
+    });
+    Ok(())
+}
+
 /// Runs one section (unless `only` names others) and keeps its result, or why it failed.
 fn run_section(
     sections: &mut Vec<Section>,
@@ -167,6 +207,7 @@ fn main() -> Result<()> {
         return client(&args[1..]);
     }
     resil_tests::require_root();
+    on_interrupt_clean_up()?;
     let quick = args.iter().any(|a| a == "--quick");
     let only = args
         .iter()
@@ -196,6 +237,11 @@ fn main() -> Result<()> {
     });
     if only.is_none_or(|word| "daemon tick".contains(&word.to_lowercase())) {
         sections.push(engine(&dir));
+    }
+    while resil_tests::cleanup::closed() {
+        // Interrupted: the clean-up thread removes the labs and ends the process; a report of
+        // the sections cut short would only replace a better one.
+        thread::sleep(Duration::from_secs(1));
     }
     bench::write(&dir, &plan, quick, &sections)?;
     let report = std::fs::read_to_string(dir.join("report.md"))?;
