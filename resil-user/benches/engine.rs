@@ -32,6 +32,26 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
+/// Prints one scenario's median and p99 tick and keeps them for `engine.json`.
+fn summarize(
+    results: &mut Vec<String>,
+    scenario: &str,
+    label: &str,
+    endpoints: u32,
+    mut per_tick_us: Vec<f64>,
+) {
+    per_tick_us.sort_by(f64::total_cmp);
+    let median = percentile(&per_tick_us, 0.5);
+    let p99 = percentile(&per_tick_us, 0.99);
+    println!(
+        "{endpoints:>6} endpoints, {label:<52} median {median:>9.1} µs per tick, p99 {p99:>9.1} µs ({:.0} ns per endpoint)",
+        median * 1000.0 / endpoints as f64
+    );
+    results.push(format!(
+        "{{\"scenario\":\"{scenario}\",\"endpoints\":{endpoints},\"median_us\":{median:.1},\"p99_us\":{p99:.1}}}"
+    ));
+}
+
 fn main() {
     let policies = Policies::default();
     let mut results = Vec::new();
@@ -58,16 +78,13 @@ fn main() {
             circuits.tick(now);
             per_tick_us.push(start.elapsed().as_secs_f64() * 1e6);
         }
-        per_tick_us.sort_by(f64::total_cmp);
-        let median = percentile(&per_tick_us, 0.5);
-        let p99 = percentile(&per_tick_us, 0.99);
-        println!(
-            "engine: {endpoints:>6} endpoints, one outcome each + tick: median {median:>9.1} µs per tick, p99 {p99:>9.1} µs ({:.0} ns per endpoint)",
-            median * 1000.0 / endpoints as f64
+        summarize(
+            &mut results,
+            "outcomes",
+            "one outcome each + tick",
+            endpoints,
+            per_tick_us,
         );
-        results.push(format!(
-            "{{\"scenario\":\"outcomes\",\"endpoints\":{endpoints},\"median_us\":{median:.1},\"p99_us\":{p99:.1}}}"
-        ));
 
         // Time alone: every circuit open and waiting, one tick visits them all.
         let mut circuits = Circuits::default();
@@ -84,15 +101,13 @@ fn main() {
             circuits.tick(now);
             per_tick_us.push(start.elapsed().as_secs_f64() * 1e6);
         }
-        per_tick_us.sort_by(f64::total_cmp);
-        let median = percentile(&per_tick_us, 0.5);
-        let p99 = percentile(&per_tick_us, 0.99);
-        println!(
-            "engine: {endpoints:>6} endpoints, all open, tick only:     median {median:>9.1} µs per tick, p99 {p99:>9.1} µs"
+        summarize(
+            &mut results,
+            "tick_open",
+            "all open, tick only",
+            endpoints,
+            per_tick_us,
         );
-        results.push(format!(
-            "{{\"scenario\":\"tick_open\",\"endpoints\":{endpoints},\"median_us\":{median:.1},\"p99_us\":{p99:.1}}}"
-        ));
     }
     // The endpoint table: every tick reads each endpoint's counters; every second it takes
     // snapshots where due and works out what each endpoint did lately (for the findings).
@@ -120,15 +135,13 @@ fn main() {
             table.end_tick();
             per_tick_us.push(start.elapsed().as_secs_f64() * 1e6);
         }
-        per_tick_us.sort_by(f64::total_cmp);
-        let median = percentile(&per_tick_us, 0.5);
-        let p99 = percentile(&per_tick_us, 0.99);
-        println!(
-            "table:  {endpoints:>6} endpoints, counters read each tick, lately each second: median {median:>9.1} µs per tick, p99 {p99:>9.1} µs"
+        summarize(
+            &mut results,
+            "table",
+            "endpoint table: counters each tick, lately each second",
+            endpoints,
+            per_tick_us,
         );
-        results.push(format!(
-            "{{\"scenario\":\"table\",\"endpoints\":{endpoints},\"median_us\":{median:.1},\"p99_us\":{p99:.1}}}"
-        ));
     }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     if std::fs::create_dir_all(&dir).is_ok() {

@@ -567,6 +567,40 @@ mod tests {
     }
 
     #[test]
+    fn the_newest_news_and_the_silence_since_the_last_answer() {
+        let mut table = EndpointTable::default();
+        let k = key(FAMILY_IPV4);
+        let mut raw = EndpointStats {
+            attempts: 3,
+            established: 3,
+            created_ns: 1,
+            ..EndpointStats::ZERO
+        };
+        table.absorb(k, &raw);
+        table.end_tick();
+        let now = |t: &EndpointTable| t.lately(0).into_iter().next().unwrap();
+        assert!(now(&table).answered_last);
+        assert_eq!(now(&table).unanswered_run, 0);
+        // Two timeouts and an ICMP unreachable after the answers: silence is the news.
+        table.record_timeout(k);
+        table.record_timeout(k);
+        raw.attempts = 6;
+        raw.unreachable = 1;
+        table.absorb(k, &raw);
+        table.end_tick();
+        let l = now(&table);
+        assert!(!l.answered_last);
+        assert_eq!(l.unanswered_run, 3);
+        // One more answer starts the count again.
+        raw.attempts = 7;
+        raw.established = 4;
+        table.absorb(k, &raw);
+        let l = now(&table);
+        assert!(l.answered_last);
+        assert_eq!(l.unanswered_run, 0);
+    }
+
+    #[test]
     fn timeouts_and_latency() {
         let mut table = EndpointTable::default();
         let k = key(FAMILY_IPV4);

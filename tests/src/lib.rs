@@ -94,6 +94,23 @@ pub struct Attempt {
     pub elapsed: Duration,
 }
 
+/// A new lab's unique id, its scratch directory and its child cgroup, both created (and the
+/// cgroup remembered for an interrupted run's clean-up).
+fn lab_place(tag: &str) -> Result<(String, PathBuf, PathBuf)> {
+    require_root();
+    if cleanup::closed() {
+        bail!("interrupted");
+    }
+    let n = LABS.fetch_add(1, Ordering::SeqCst);
+    let id = format!("{}{}", std::process::id() % 100_000, n);
+    let dir = std::env::temp_dir().join(format!("resil-lab-{tag}-{id}"));
+    let cgroup = cgroup2_root().join(format!("resil-test-{tag}-{id}"));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(&cgroup)?;
+    cleanup::cgroup(&cgroup);
+    Ok((id, dir, cgroup))
+}
+
 fn cgroup2_root() -> PathBuf {
     let mounts = std::fs::read_to_string("/proc/mounts").expect("/proc/mounts");
     mounts
@@ -113,24 +130,16 @@ impl Lab {
 
     /// Builds a fresh lab. `tag` (a few letters) makes names readable in `ip netns`.
     pub fn new(tag: &str) -> Result<Lab> {
-        require_root();
-        if cleanup::closed() {
-            bail!("interrupted");
-        }
-        let n = LABS.fetch_add(1, Ordering::SeqCst);
-        let id = format!("{}{}", std::process::id() % 100_000, n);
+        let (id, dir, cgroup) = lab_place(tag)?;
         let lab = Lab {
             client_ns: format!("resil-{tag}-{id}-c"),
             server_ns: format!("resil-{tag}-{id}-s"),
             client_if: format!("rc{id}"),
             server_if: format!("rs{id}"),
-            dir: std::env::temp_dir().join(format!("resil-lab-{tag}-{id}")),
-            cgroup: cgroup2_root().join(format!("resil-test-{tag}-{id}")),
+            dir,
+            cgroup,
         };
         // From here on, Drop cleans up whatever part was made.
-        std::fs::create_dir_all(&lab.dir)?;
-        std::fs::create_dir_all(&lab.cgroup)?;
-        cleanup::cgroup(&lab.cgroup);
         cleanup::namespace(&lab.client_ns);
         cleanup::namespace(&lab.server_ns);
         sh("ip", &["netns", "add", &lab.client_ns])?;
@@ -348,24 +357,16 @@ pub struct RoutedLab {
 impl RoutedLab {
     /// Builds the three namespaces; addresses as in [`Lab`] for the server.
     pub fn new(tag: &str) -> Result<RoutedLab> {
-        require_root();
-        if cleanup::closed() {
-            bail!("interrupted");
-        }
-        let n = LABS.fetch_add(1, Ordering::SeqCst);
-        let id = format!("{}{}", std::process::id() % 100_000, n);
+        let (id, dir, cgroup) = lab_place(tag)?;
         let lab = RoutedLab {
             client_ns: format!("resil-{tag}-{id}-c"),
             router_ns: format!("resil-{tag}-{id}-r"),
             server_ns: format!("resil-{tag}-{id}-s"),
             router_out: format!("ro{id}"),
             client_if: format!("rc{id}"),
-            dir: std::env::temp_dir().join(format!("resil-lab-{tag}-{id}")),
-            cgroup: cgroup2_root().join(format!("resil-test-{tag}-{id}")),
+            dir,
+            cgroup,
         };
-        std::fs::create_dir_all(&lab.dir)?;
-        std::fs::create_dir_all(&lab.cgroup)?;
-        cleanup::cgroup(&lab.cgroup);
         for ns in [&lab.client_ns, &lab.router_ns, &lab.server_ns] {
             cleanup::namespace(ns);
         }
