@@ -21,6 +21,9 @@ pub mod names {
     /// LRU hash: [`super::DnsQueryKey`] → `u8`: queries in flight, so only their answers are
     /// reported.
     pub const DNS_QUERIES: &str = "DNS_QUERIES";
+    /// Hash: [`super::EndpointKey`] → [`super::SavedBreaker`]: breaker state only the daemon
+    /// uses, kept in the kernel (pinned) so a restarted daemon finds its open circuits.
+    pub const BREAKERS: &str = "BREAKERS";
 }
 
 /// Capacity of the connection map (LRU: the least recently used entries make room).
@@ -43,6 +46,11 @@ pub const MAX_DNS_QUERIES: u32 = 16_384;
 pub const MAX_VERDICTS: u32 = 16_384;
 /// Capacity of the probe-token map.
 pub const MAX_TOKENS: u32 = 65_536;
+/// Capacity of the saved-breaker map: circuits a restart remembers (those not plainly closed).
+pub const MAX_SAVED_BREAKERS: u32 = 16_384;
+/// Bytes of one saved breaker's record (the daemon's own encoding).
+pub const SAVED_BREAKER_BYTES: usize = 380;
+
 /// Half-open probes one endpoint can have at once (the kernel tries this many tokens).
 pub const MAX_PROBES: u32 = 64;
 
@@ -312,6 +320,17 @@ pub struct Verdict {
     pub _pad: u32,
 }
 
+/// One circuit's state as the daemon saved it: `len` bytes of its own encoding. The kernel only
+/// keeps it (the programs never read it) so that it outlives a daemon restart.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SavedBreaker {
+    /// Bytes of `bytes` in use.
+    pub len: u32,
+    /// The record.
+    pub bytes: [u8; SAVED_BREAKER_BYTES],
+}
+
 /// Values of [`Verdict::action`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -456,6 +475,7 @@ mod pod {
     unsafe impl aya::Pod for super::Verdict {}
     unsafe impl aya::Pod for super::TokenKey {}
     unsafe impl aya::Pod for super::DnsEvent {}
+    unsafe impl aya::Pod for super::SavedBreaker {}
 }
 
 #[cfg(test)]

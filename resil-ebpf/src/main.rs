@@ -28,9 +28,9 @@ use resil_common::{
     enforce::{self, Decision},
     maps::{
         ConnKey, ConnState, Direction, DnsEvent, DnsKind, DnsQueryKey, EndpointKey, EndpointStats,
-        HandshakeEvent, Health, TokenKey, Verdict, DNS_CAPTURE, DNS_PORT, DNS_RING_BYTES,
-        FAMILY_IPV4, HANDSHAKE_RING_BYTES, HEALTH_SLOTS, MAX_CONNECTIONS, MAX_DNS_QUERIES,
-        MAX_ENDPOINTS, MAX_PROBES, MAX_TOKENS, MAX_VERDICTS,
+        HandshakeEvent, Health, SavedBreaker, TokenKey, Verdict, DNS_CAPTURE, DNS_PORT,
+        DNS_RING_BYTES, FAMILY_IPV4, HANDSHAKE_RING_BYTES, HEALTH_SLOTS, MAX_CONNECTIONS,
+        MAX_DNS_QUERIES, MAX_ENDPOINTS, MAX_PROBES, MAX_SAVED_BREAKERS, MAX_TOKENS, MAX_VERDICTS,
     },
     packet::{parse_ethernet, PacketBytes, Parsed, QuotedFlow, TcpSegment, UdpDatagram},
     rst::{self, PacketWrite, RST_HOPS},
@@ -65,6 +65,11 @@ static VERDICTS: HashMap<EndpointKey, Verdict> =
 
 #[map]
 static TOKENS: HashMap<TokenKey, u8> = HashMap::with_max_entries(MAX_TOKENS, 0);
+
+/// The daemon's breaker snapshot: no program reads it; it lives here to be pinned with the rest.
+#[map]
+static BREAKERS: HashMap<EndpointKey, SavedBreaker> =
+    HashMap::with_max_entries(MAX_SAVED_BREAKERS, BPF_F_NO_PREALLOC);
 
 const ECONNREFUSED: i32 = 111;
 const SOCK_STREAM: u32 = 1;

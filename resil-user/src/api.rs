@@ -206,7 +206,7 @@ pub struct Server {
 impl Server {
     /// Creates the socket (and its directory), mode 0600. Refuses to take over the socket of a
     /// daemon that is still answering; replaces a stale one.
-    pub fn bind(path: &Path) -> Result<Server> {
+    pub fn bind(path: &Path, group: Option<&SocketGroup>) -> Result<Server> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create the socket directory {}", dir.display()))?;
@@ -232,14 +232,59 @@ impl Server {
         let listener = UnixListener::bind(path);
         umask(old_umask);
         let listener = listener.with_context(|| format!("cannot listen on {}", path.display()))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("cannot restrict {} to root", path.display()))?;
-        Ok(Server {
+        let server = Server {
             listener,
             path: path.to_path_buf(),
+        };
+        match group {
+            None => std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("cannot restrict {} to its owner", path.display()))?,
+            Some(group) => {
+                nix::unistd::chown(path, None, Some(group.gid)).with_context(|| {
+                    format!(
+                        "cannot give {} to group {} (the daemon must be in that group or have CAP_CHOWN)",
+                        path.display(),
+                        group.name
+                    )
+                })?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+                    .with_context(|| {
+                        format!("cannot open {} to group {}", path.display(), group.name)
+                    })?;
+            }
+        }
+        Ok(server)
+    }
+}
+
+/// The group whose members may use the API socket (`--socket-group`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketGroup {
+    /// As given.
+    pub name: String,
+    pub gid: nix::unistd::Gid,
+}
+
+impl SocketGroup {
+    /// Looks a group up by name (or takes a numeric id).
+    pub fn lookup(name: &str) -> Result<SocketGroup> {
+        let gid = match name.parse::<u32>() {
+            Ok(id) => nix::unistd::Gid::from_raw(id),
+            Err(_) => {
+                nix::unistd::Group::from_name(name)
+                    .with_context(|| format!("cannot look up group {name}"))?
+                    .with_context(|| format!("group {name} does not exist (--socket-group)"))?
+                    .gid
+            }
+        };
+        Ok(SocketGroup {
+            name: name.to_string(),
+            gid,
         })
     }
+}
 
+impl Server {
     /// Accepts clients until the task is dropped, forwarding each request to `requests`.
     pub async fn serve(&self, requests: mpsc::Sender<Pending>) {
         loop {
@@ -356,11 +401,11 @@ mod tests {
     async fn serves_requests_over_the_socket() {
         let dir = std::env::temp_dir().join(format!("resil-api-test-{}", std::process::id()));
         let path = dir.join("sub/resil.sock");
-        let server = Server::bind(&path).unwrap();
+        let server = Server::bind(&path, None).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert!(
-            Server::bind(&path).is_err(),
+            Server::bind(&path, None).is_err(),
             "a live socket is not taken over"
         );
         let (tx, mut rx) = mpsc::channel::<Pending>(4);

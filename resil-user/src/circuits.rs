@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     api::TransitionEvent,
-    breaker::{Breaker, Mode, Outcome, Recorded, State, Ticket, Transition},
+    breaker::{Breaker, Mode, Outcome, Recorded, SavedState, State, Ticket, Transition},
     endpoints::socket_addr,
     enforcer::Desired,
     policy::Policies,
@@ -44,6 +44,8 @@ pub struct Circuits {
     dirty: bool,
     /// Transitions not yet taken by the agent.
     transitions: Vec<TransitionEvent>,
+    /// Circuits whose state changed since the last [`Circuits::take_changed`].
+    changed: HashSet<EndpointKey, foldhash::fast::RandomState>,
 }
 
 /// An operator's command for a circuit.
@@ -90,6 +92,33 @@ impl Circuits {
                 dependency: resolved.dependency.map(|d| d.name.clone()),
             }
         })
+    }
+
+    /// Brings back a circuit a previous run saved, under today's policy.
+    pub fn restore(
+        &mut self,
+        key: EndpointKey,
+        saved: SavedState,
+        now_ns: u64,
+        policies: &Policies,
+    ) {
+        let resolved = policies.resolve(socket_addr(&key));
+        let breaker = Breaker::restore(resolved.policy.breaker, saved, now_ns, seed(&key));
+        let state = breaker.state();
+        self.circuits.insert(
+            key,
+            Circuit {
+                breaker,
+                connect_timeout: resolved.policy.connect_timeout,
+                dependency: resolved.dependency.map(|d| d.name.clone()),
+            },
+        );
+        self.place(key, state);
+    }
+
+    /// Circuits whose state changed since the last call (to save them).
+    pub fn take_changed(&mut self) -> Vec<EndpointKey> {
+        self.changed.drain().collect()
     }
 
     /// A connection attempt to `key` starts: its ticket, and its connect timeout.
@@ -234,6 +263,14 @@ impl Circuits {
             .map_or("closed", |c| c.breaker.reported_state())
     }
 
+    /// Keys of the circuits an operator forced open or disabled (they may have no traffic).
+    pub fn set_by_hand(&self) -> impl Iterator<Item = EndpointKey> + '_ {
+        self.circuits
+            .iter()
+            .filter(|(_, c)| matches!(c.breaker.state(), State::ForcedOpen | State::Disabled))
+            .map(|(k, _)| *k)
+    }
+
     /// Keys of the circuits that follow dependency `name`.
     pub fn of_dependency(&self, name: &str) -> Vec<EndpointKey> {
         self.circuits
@@ -257,19 +294,26 @@ impl Circuits {
         std::mem::take(&mut self.transitions)
     }
 
-    fn note(&mut self, key: EndpointKey, t: Transition) {
-        let circuit = self.circuits.get(&key);
-        if circuit.is_some_and(|c| c.breaker.waiting()) {
+    /// Files a circuit in state `state` among those time can change and those that want a
+    /// verdict.
+    fn place(&mut self, key: EndpointKey, state: State) {
+        if self.circuits.get(&key).is_some_and(|c| c.breaker.waiting()) {
             self.waiting.insert(key);
         } else {
             self.waiting.remove(&key);
         }
-        if matches!(t.to, State::Closed | State::Disabled) {
+        if matches!(state, State::Closed | State::Disabled) {
             self.restricted.remove(&key);
         } else {
             self.restricted.insert(key);
         }
         self.dirty = true;
+        self.changed.insert(key);
+    }
+
+    fn note(&mut self, key: EndpointKey, t: Transition) {
+        self.place(key, t.to);
+        let circuit = self.circuits.get(&key);
         let dependency = circuit.and_then(|c| c.dependency.clone());
         let endpoint = socket_addr(&key).to_string();
         let shown = crate::output::display_name(&endpoint, dependency.as_deref());

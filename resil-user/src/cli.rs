@@ -15,6 +15,7 @@ use crate::{
     error::usage,
     metrics,
     output::{self, Format},
+    pins,
     probes::XdpMode,
 };
 
@@ -110,9 +111,21 @@ pub struct DaemonArgs {
     /// SIGHUP reloads it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// The API socket to create (mode 0600).
+    /// The API socket to create (mode 0600, or 0660 with --socket-group).
     #[arg(long, env = "RESIL_SOCKET", default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// Let this group's members use the socket (the CLI needs nothing else). The daemon must
+    /// be in the group or have CAP_CHOWN.
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+    /// bpffs directory where maps and links are pinned: a restart adopts them, so counters,
+    /// circuits and verdicts survive.
+    #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// Detach and remove everything pinned under --pin-dir, then exit (uninstall). Refused
+    /// while a daemon uses it.
+    #[arg(long)]
+    pub cleanup: bool,
     /// cgroup v2 directory whose processes' connect() calls are refused for open circuits.
     /// Default: the cgroup v2 root (every process).
     #[arg(long, value_name = "PATH")]
@@ -123,7 +136,8 @@ pub struct DaemonArgs {
     /// How to attach the XDP ingress observer: native where the driver can, else generic.
     #[arg(long, value_enum, default_value_t = XdpMode::Auto)]
     pub xdp_mode: XdpMode,
-    /// Where to serve Prometheus metrics (/metrics) and liveness (/healthz), or `off`.
+    /// Where to serve Prometheus metrics (/metrics), liveness (/healthz) and readiness (/readyz),
+    /// or `off`.
     #[arg(long, value_name = "ADDR", default_value = metrics::DEFAULT_ADDR, value_parser = parse_metrics_addr)]
     pub metrics: MetricsAddr,
 }
@@ -141,6 +155,29 @@ fn parse_metrics_addr(text: &str) -> Result<MetricsAddr, String> {
     })
 }
 
+/// `resil daemon --cleanup`: detaches and removes the pinned state.
+fn cleanup(args: &DaemonArgs) -> Result<()> {
+    if std::os::unix::net::UnixStream::connect(&args.socket).is_ok() {
+        bail!(
+            "a resil daemon is running on {}: stop it before cleaning up",
+            args.socket.display()
+        );
+    }
+    let removed = pins::cleanup(&args.pin_dir)?;
+    if removed.links.is_empty() && removed.maps == 0 {
+        println!("nothing pinned under {}", args.pin_dir.display());
+    } else {
+        println!(
+            "removed {}: {} attachments detached ({}), {} maps",
+            args.pin_dir.display(),
+            removed.links.len(),
+            removed.links.join(", "),
+            removed.maps
+        );
+    }
+    Ok(())
+}
+
 /// Parses the command line and runs the subcommand.
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
@@ -151,10 +188,13 @@ pub fn run() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
         .init();
     match cli.command {
+        Command::Daemon(args) if args.cleanup => cleanup(&args),
         Command::Daemon(args) => daemon::run(DaemonOptions {
             interfaces: args.interfaces,
             config: args.config,
             socket: args.socket,
+            socket_group: args.socket_group,
+            pin_dir: args.pin_dir,
             cgroup: args.cgroup,
             bpf_log: args.bpf_log,
             xdp_mode: args.xdp_mode,

@@ -29,7 +29,7 @@ use tokio::{
 use crate::{
     api::{
         EndpointStatus, EventsReport, FindingsReport, ManualReport, ManualResult, Request,
-        ResolverStatus, Response, Server, Side, StatusReport,
+        ResolverStatus, Response, Server, Side, SocketGroup, StatusReport,
     },
     breaker::{FailureKind, Outcome, Recorded, State, Ticket},
     circuits::{Circuits, ManualAction},
@@ -50,9 +50,12 @@ use crate::{
     names::Names,
     netinfo,
     output::display_name,
+    pins::PinDir,
+    privileges,
     probes::{Probes, XdpMode},
     resolvers::{self, DnsCounts, Resolvers},
     services::{self, ShedChange, ShedVerdict, Shedder},
+    snapshot::BreakerStore,
 };
 
 /// Handshakes the daemon follows at once, at most.
@@ -85,15 +88,23 @@ pub struct DaemonOptions {
     pub xdp_mode: XdpMode,
     /// Where to serve Prometheus metrics; `None`: nowhere.
     pub metrics: Option<SocketAddr>,
+    /// The bpffs directory where maps and links are pinned.
+    pub pin_dir: PathBuf,
+    /// The group that may use the API socket; `None`: only its owner.
+    pub socket_group: Option<String>,
 }
 
 /// Runs the daemon until a signal asks it to stop.
 pub fn run(options: DaemonOptions) -> Result<()> {
-    if !nix::unistd::geteuid().is_root() {
-        bail!("resil daemon must run as root: it loads BPF programs (try sudo)");
-    }
+    privileges::check()?;
     let config = Config::load(options.config.as_deref())?;
     check_clock()?;
+    let group = options
+        .socket_group
+        .as_deref()
+        .map(SocketGroup::lookup)
+        .transpose()
+        .map_err(|e| usage(format!("{e:#}")))?;
     let interfaces = resolve_interfaces(&options.interfaces)?;
     let cgroup = resolve_cgroup(options.cgroup.as_deref())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -101,7 +112,7 @@ pub fn run(options: DaemonOptions) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, agent(config, interfaces, cgroup, options))
+    local.block_on(&runtime, agent(config, interfaces, cgroup, group, options))
 }
 
 fn resolve_cgroup(asked: Option<&std::path::Path>) -> Result<PathBuf> {
@@ -191,10 +202,14 @@ struct Agent {
     exported: HashSet<String>,
     /// When the daemon started (Unix seconds).
     boot: f64,
+    /// Where circuit states are saved for the next run.
+    saved: BreakerStore,
+    /// Ticks done: the daemon is ready after the first.
+    ticks: u64,
 }
 
 impl Agent {
-    fn new(config: Config, enforcer: Enforcer) -> Self {
+    fn new(config: Config, enforcer: Enforcer, saved: BreakerStore) -> Self {
         let dns_timeout_ns = config.dns_timeout.as_nanos() as u64;
         Agent {
             config,
@@ -215,7 +230,22 @@ impl Agent {
             connections_counted_ns: 0,
             exported: HashSet::new(),
             boot: unix_now(),
+            saved,
+            ticks: 0,
         }
+    }
+
+    /// Brings back the circuits a previous run saved; returns how many.
+    fn restore_circuits(&mut self) -> usize {
+        let now = monotonic_ns();
+        let saved = self.saved.load();
+        for (key, state) in &saved {
+            self.circuits
+                .restore(*key, state.clone(), now, &self.config.policies);
+        }
+        // Restoring is no change worth saving again.
+        self.circuits.take_changed();
+        saved.len()
     }
 
     /// Which local services to shed now: over their connection limit, or unhealthy where the
@@ -382,10 +412,15 @@ impl Agent {
         })
     }
 
-    /// Moves the breakers' latest transitions into the event log.
+    /// Moves the breakers' latest transitions into the event log, and saves the circuits
+    /// that changed for the next run.
     fn note_transitions(&mut self) {
         for transition in self.circuits.take_transitions() {
             self.events.push(unix_now(), Event::Transition(transition));
+        }
+        let changed = self.circuits.take_changed();
+        if !changed.is_empty() {
+            self.saved.save(&self.circuits, &changed);
         }
     }
 
@@ -585,6 +620,7 @@ impl Agent {
         }
         self.tick_durations
             .record_us(started.elapsed().as_micros() as u64);
+        self.ticks += 1;
     }
 
     /// Writes the circuits' verdicts into the kernel, refreshing their expiry.
@@ -708,7 +744,7 @@ impl Agent {
     fn status(&self) -> Vec<EndpointStatus> {
         let now = monotonic_ns();
         self.endpoints
-            .status()
+            .status(self.circuits.set_by_hand())
             .into_iter()
             .map(|(key, mut status)| {
                 if let Some(circuit) = self.circuits.get(&key) {
@@ -779,6 +815,7 @@ async fn agent(
     config: Config,
     interfaces: Vec<String>,
     cgroup: PathBuf,
+    group: Option<SocketGroup>,
     options: DaemonOptions,
 ) -> Result<()> {
     // Before anything is attached, so a signal during start-up still ends in a clean exit.
@@ -786,18 +823,21 @@ async fn agent(
     let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     // The socket first: a second daemon must learn that one is running before it touches
     // any hook (an interface holds one XDP program only).
-    let server = Rc::new(Server::bind(&options.socket)?);
+    let server = Rc::new(Server::bind(&options.socket, group.as_ref())?);
     let metrics_listener = match options.metrics {
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,
     };
-    let mut probes = Probes::load(options.bpf_log)?;
+    let pins = PinDir::open(&options.pin_dir)?;
+    let mut probes = Probes::load(options.bpf_log, pins)?;
     for iface in &interfaces {
         probes.attach(iface, options.xdp_mode)?;
     }
     probes.attach_cgroup(&cgroup)?;
+    probes.finish_adoption()?;
     let (mut collector, ring) = Collector::new(&mut probes)?;
     let enforcer = Enforcer::new(&mut probes, config.fail_open_after.as_nanos() as u64)?;
+    let saved = BreakerStore::new(&mut probes)?;
     let mut ring: AsyncFd<RingBuf<MapData>> = watch(ring, "the handshake ring buffer")?;
     let mut dns_ring = watch(collector::dns_ring(&mut probes)?, "the DNS ring buffer")?;
     let mut bpf_logger = watch(probes.take_logger()?, "the BPF log ring buffer")?;
@@ -814,7 +854,12 @@ async fn agent(
     let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let mut tick = tokio::time::interval(config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut agent = Agent::new(config, enforcer);
+    let mut agent = Agent::new(config, enforcer, saved);
+    let restored = agent.restore_circuits();
+    if restored > 0 {
+        info!("restored {restored} circuits that were not closed when the previous daemon stopped");
+        agent.enforce(monotonic_ns());
+    }
     let modes: Vec<String> = probes
         .xdp_modes()
         .iter()
@@ -858,15 +903,20 @@ async fn agent(
             }
             Some(scrape) = scrapes.recv() => match scrape {
                 Scrape::Metrics(reply) => { let _ = reply.send(agent.metrics(&collector)); }
-                Scrape::Alive(reply) => { let _ = reply.send(()); }
+                Scrape::Alive(reply) => { let _ = reply.send(true); }
+                Scrape::Ready(reply) => { let _ = reply.send(agent.ticks > 0); }
             },
             _ = hangup.recv() => agent.reload(),
-            _ = interrupt.recv() => { info!("SIGINT: detaching and exiting"); break; }
-            _ = terminate.recv() => { info!("SIGTERM: detaching and exiting"); break; }
+            _ = interrupt.recv() => { info!("SIGINT: exiting"); break; }
+            _ = terminate.recv() => { info!("SIGTERM: exiting"); break; }
         }
     }
-    // Nothing stays enforced after a clean shutdown, not even until the verdicts expire.
-    agent.enforcer.clear();
+    // Programs, maps and verdicts stay pinned for the next daemon: verdicts are enforced until
+    // they expire (fail_open_after), then traffic flows freely until a daemon runs again.
+    info!(
+        "state stays pinned in {} for the next start; `resil daemon --cleanup` removes it",
+        options.pin_dir.display()
+    );
     serving.abort();
     if let Some(task) = serving_metrics {
         task.abort();

@@ -346,11 +346,23 @@ impl EndpointTable {
 
     /// Status of every endpoint, sorted by direction then address, with its key. The breaker
     /// fields are those of an endpoint without a circuit; the caller fills them in.
-    pub fn status(&self) -> Vec<(EndpointKey, EndpointStatus)> {
-        let mut keys: Vec<&EndpointKey> = self.endpoints.keys().collect();
+    /// `also` adds endpoints known otherwise (a circuit set by hand before any traffic),
+    /// with zero figures.
+    pub fn status(
+        &self,
+        also: impl Iterator<Item = EndpointKey>,
+    ) -> Vec<(EndpointKey, EndpointStatus)> {
+        let mut keys: Vec<EndpointKey> = self.endpoints.keys().copied().collect();
+        keys.extend(also.filter(|k| !self.endpoints.contains_key(k)));
         keys.sort_by_key(|k| (k.direction, socket_addr(k)));
+        let unseen = Endpoint::new(0);
         keys.into_iter()
-            .map(|key| (*key, status_of(key, &self.endpoints[key])))
+            .map(|key| {
+                (
+                    key,
+                    status_of(&key, self.endpoints.get(&key).unwrap_or(&unseen)),
+                )
+            })
             .collect()
     }
 }
@@ -468,7 +480,7 @@ mod tests {
             ..EndpointStats::ZERO
         };
         table.absorb(k, &raw);
-        assert_eq!(table.status()[0].1.attempts, 16);
+        assert_eq!(table.status(std::iter::empty())[0].1.attempts, 16);
     }
 
     #[test]
@@ -606,13 +618,16 @@ mod tests {
         let k = key(FAMILY_IPV4);
         assert!(table.is_empty());
         table.record_timeout(k);
-        let s = &table.status()[0].1;
+        let s = &table.status(std::iter::empty())[0].1;
         assert_eq!(s.timeouts, 1);
         assert!(s.connect_latency_us.is_none());
         for _ in 0..3 {
             table.record_latency(k, 100_000);
         }
-        let latency = table.status()[0].1.connect_latency_us.unwrap();
+        let latency = table.status(std::iter::empty())[0]
+            .1
+            .connect_latency_us
+            .unwrap();
         assert!((64.0..=128.0).contains(&latency.p50), "{latency:?}");
     }
 }

@@ -22,6 +22,18 @@ pub enum Desired {
 }
 
 impl Desired {
+    /// What a verdict in the kernel asks for.
+    fn of(verdict: &Verdict) -> Desired {
+        match verdict.action {
+            a if a == VerdictAction::Refuse as u32 => Desired::Refuse,
+            a if a == VerdictAction::Probe as u32 => Desired::Probe {
+                generation: verdict.generation,
+                probes: verdict.probes,
+            },
+            _ => Desired::Observe,
+        }
+    }
+
     fn action(self) -> VerdictAction {
         match self {
             Desired::Refuse => VerdictAction::Refuse,
@@ -52,14 +64,23 @@ fn token(endpoint: EndpointKey, generation: u32, index: u32) -> TokenKey {
 }
 
 impl Enforcer {
-    /// Takes the verdict and token maps from the loaded programs.
+    /// Takes the verdict and token maps from the loaded programs. Verdicts a previous run
+    /// left (pinned maps) count as written: the first sync keeps what is still wanted and
+    /// removes the rest with their tokens.
     pub fn new(probes: &mut Probes, fail_open_ns: u64) -> Result<Enforcer> {
+        let verdicts: HashMap<MapData, EndpointKey, Verdict> =
+            HashMap::try_from(probes.take_map(names::VERDICTS)?)
+                .context("the verdict map has an unexpected type")?;
+        let written = verdicts
+            .iter()
+            .flatten()
+            .map(|(endpoint, verdict)| (endpoint, Desired::of(&verdict)))
+            .collect();
         Ok(Enforcer {
-            verdicts: HashMap::try_from(probes.take_map(names::VERDICTS)?)
-                .context("the verdict map has an unexpected type")?,
+            verdicts,
             tokens: HashMap::try_from(probes.take_map(names::TOKENS)?)
                 .context("the token map has an unexpected type")?,
-            written: StdHashMap::new(),
+            written,
             fail_open_ns,
         })
     }
@@ -144,11 +165,6 @@ impl Enforcer {
             }
         }
         self.written = keep;
-    }
-
-    /// Removes every verdict and token: nothing is enforced any more.
-    pub fn clear(&mut self) {
-        self.sync(0, &[]);
     }
 
     fn remove_tokens(&mut self, endpoint: EndpointKey, generation: u32, probes: u32) {

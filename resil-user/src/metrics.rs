@@ -1,6 +1,6 @@
 //! Prometheus exposition. On every scrape the agent takes a [`Snapshot`] of its figures;
 //! [`render`] writes it as OpenMetrics text with prometheus-client; [`serve`] is the small
-//! HTTP server for `/metrics` and `/healthz`.
+//! HTTP server for `/metrics`, `/healthz` (liveness) and `/readyz` (readiness).
 //!
 //! Names follow Prometheus conventions (`resil_` prefix, base units, `_total` counters).
 //! Label cardinality is bounded: at most `max_endpoints` endpoints are exported one by one
@@ -630,8 +630,10 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
 pub enum Scrape {
     /// Render the metrics.
     Metrics(oneshot::Sender<String>),
-    /// Answer, to show the loop is alive.
-    Alive(oneshot::Sender<()>),
+    /// Answer, to show the loop is alive (always `true`).
+    Alive(oneshot::Sender<bool>),
+    /// Whether the daemon is ready: programs attached, first tick done.
+    Ready(oneshot::Sender<bool>),
 }
 
 /// Binds the metrics address (before anything else is attached, so a taken port fails early).
@@ -646,7 +648,7 @@ const MAX_CONNECTIONS: usize = 64;
 /// How long a client may take to send its request headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves `/metrics` and `/healthz` until the task is dropped.
+/// Serves `/metrics`, `/healthz` and `/readyz` until the task is dropped.
 pub async fn serve(listener: TcpListener, agent: mpsc::Sender<Scrape>) {
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -721,25 +723,34 @@ async fn answer(
                 ),
             }
         }
-        "/healthz" => {
-            let (tx, rx) = oneshot::channel();
-            let sent = agent.send(Scrape::Alive(tx)).await.is_ok();
-            match tokio::time::timeout(SCRAPE_TIMEOUT, rx).await {
-                Ok(Ok(())) if sent => reply(StatusCode::OK, TEXT, "ok\n"),
-                _ => reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    TEXT,
-                    "the agent loop did not answer\n",
-                ),
-            }
-        }
+        "/healthz" => probe(&agent, Scrape::Alive).await,
+        "/readyz" => probe(&agent, Scrape::Ready).await,
         _ => reply(
             StatusCode::NOT_FOUND,
             TEXT,
-            "resil serves /metrics and /healthz\n",
+            "resil serves /metrics, /healthz and /readyz\n",
         ),
     };
     Ok(response)
+}
+
+/// Asks the agent loop a yes-or-no question: 200 for yes, 503 for no or no answer.
+async fn probe(
+    agent: &mpsc::Sender<Scrape>,
+    question: fn(oneshot::Sender<bool>) -> Scrape,
+) -> HttpResponse {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    let (tx, rx) = oneshot::channel();
+    let sent = agent.send(question(tx)).await.is_ok();
+    match tokio::time::timeout(SCRAPE_TIMEOUT, rx).await {
+        Ok(Ok(true)) if sent => reply(StatusCode::OK, TEXT, "ok\n"),
+        Ok(Ok(false)) if sent => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "starting\n"),
+        _ => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            TEXT,
+            "the agent loop did not answer\n",
+        ),
+    }
 }
 
 #[cfg(test)]

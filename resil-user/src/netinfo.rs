@@ -39,7 +39,15 @@ pub fn default_ipv6_interface(table: &str) -> Option<String> {
 /// Whether a network interface of that name exists in this process's network namespace
 /// (asked of the kernel, not of /sys, which may show another namespace).
 pub fn interface_exists(name: &str) -> bool {
-    !name.is_empty() && nix::net::if_::if_nametoindex(name).is_ok()
+    ifindex(name).is_some()
+}
+
+/// The index of a network interface in this process's network namespace.
+pub fn ifindex(name: &str) -> Option<u32> {
+    if name.is_empty() {
+        return None;
+    }
+    nix::net::if_::if_nametoindex(name).ok()
 }
 
 /// Where cgroup v2 is mounted, from a `/proc/mounts` text (the unified hierarchy of a hybrid

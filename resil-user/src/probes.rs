@@ -1,5 +1,7 @@
-//! Loading resil's BPF programs and attaching them to interfaces. Everything attached is
-//! detached when [`Probes`] is dropped: on shutdown, on a start-up error, on a panic.
+//! Loading resil's BPF programs and attaching them to interfaces and the cgroup. Maps and links
+//! are pinned (see [`crate::pins`]): a restarted daemon loads its new programs over the pinned
+//! maps and swaps them into the pinned links, so observation and enforcement never stop and
+//! nothing counted is lost. Dropping [`Probes`] leaves the pinned attachments in place.
 
 use anyhow::{Context as _, Result};
 use std::{fs::File, path::Path};
@@ -7,13 +9,17 @@ use std::{fs::File, path::Path};
 use aya::{
     maps::Map,
     programs::{
-        tc, xdp::XdpMode as XdpFlags, CgroupAttachMode, CgroupSockAddr, SchedClassifier,
-        TcAttachType, Xdp,
+        links::FdLink,
+        tc::{self, SchedClassifierLink},
+        xdp::{XdpLink, XdpMode as XdpFlags},
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp,
     },
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
-use log::LevelFilter;
+use log::{info, warn, LevelFilter};
+
+use crate::pins::{self, PinDir, PINNED_MAPS};
 
 /// The compiled BPF object, embedded in the binary.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/resil"));
@@ -43,10 +49,15 @@ pub enum XdpMode {
 /// The loaded programs and everything they are attached to.
 pub struct Probes {
     ebpf: Ebpf,
+    pins: PinDir,
     /// Interfaces where resil added the `clsact` qdisc (kernels without TCX), to remove it.
     added_qdiscs: Vec<String>,
     /// Interfaces with the XDP observer, and in which mode.
     xdp_modes: Vec<(String, &'static str)>,
+    /// Links pinned or adopted by this run (file names in the pin directory's `links`).
+    links: Vec<String>,
+    /// Links taken over from a previous run.
+    adopted: usize,
 }
 
 fn rejected(name: &str) -> String {
@@ -71,20 +82,36 @@ fn has_tcx() -> bool {
 }
 
 impl Probes {
-    /// Loads the programs into the kernel (verifier included). `bpf_log` sets which kernel log
-    /// statements are live; `Off` masks them all at load time.
-    pub fn load(bpf_log: LevelFilter) -> Result<Probes> {
+    /// Loads the programs into the kernel (verifier included), over the maps pinned in `pins`
+    /// (created and pinned if absent). `bpf_log` sets which kernel log statements are live;
+    /// `Off` masks them all at load time.
+    pub fn load(bpf_log: LevelFilter, pins: PinDir) -> Result<Probes> {
         let level = bpf_log_level(bpf_log);
-        let ebpf = EbpfLoader::new()
-            .override_global("AYA_LOG_LEVEL", &level, true)
-            .load(OBJECT)
-            .context(
-                "cannot load resil's BPF programs (needs root and a kernel with BPF and BTF)",
-            )?;
+        for name in pins.drop_mismatched_maps(OBJECT)? {
+            warn!("the pinned map {name} has another layout than this version's: it starts empty");
+        }
+        if pins.has_maps() {
+            info!("adopting the maps pinned in {}", pins.root().display());
+        }
+        let paths: Vec<(&str, std::path::PathBuf)> = PINNED_MAPS
+            .iter()
+            .map(|name| (*name, pins.map_path(name)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        loader.override_global("AYA_LOG_LEVEL", &level, true);
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let ebpf = loader.load(OBJECT).context(
+            "cannot load resil's BPF programs (needs CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and a kernel with BPF and BTF)",
+        )?;
         let mut probes = Probes {
             ebpf,
+            pins,
             added_qdiscs: Vec::new(),
             xdp_modes: Vec::new(),
+            links: Vec::new(),
+            adopted: 0,
         };
         probes
             .program::<SchedClassifier>(TC_EGRESS)?
@@ -132,32 +159,77 @@ impl Probes {
 
     fn attach_xdp(&mut self, iface: &str, mode: XdpMode) -> Result<()> {
         let veth = crate::netinfo::driver(iface).is_some_and(|d| d == "veth");
+        let ifindex = crate::netinfo::ifindex(iface)
+            .with_context(|| format!("cannot find the index of interface {iface}"))?;
+        // A link pinned by a previous run, in a mode this one accepts: swap the program in.
+        let accepted: &[&str] = match mode {
+            XdpMode::Native => &["native"],
+            XdpMode::Generic => &["generic"],
+            XdpMode::Auto if veth => &["generic"],
+            XdpMode::Auto => &["native", "generic"],
+        };
+        for used in accepted {
+            let pin = format!("xdp-{used}@{iface}#{ifindex}");
+            let path = self.pins.link_path(&pin);
+            let Ok(pinned) = aya::programs::links::PinnedLink::from_pin(&path) else {
+                continue;
+            };
+            let program = self.program::<Xdp>(XDP_INGRESS)?;
+            let replaced = XdpLink::try_from(FdLink::from(pinned))
+                .map_err(anyhow::Error::from)
+                .and_then(|link| Ok(program.attach_to_link(link)?));
+            match replaced {
+                Ok(_) => {
+                    self.adopted += 1;
+                    self.links.push(pin);
+                    self.xdp_modes.push((iface.to_string(), used));
+                    return Ok(());
+                }
+                Err(e) => {
+                    warn!("cannot reuse the pinned XDP link on {iface} ({e:#}): attaching anew")
+                }
+            }
+        }
         let program = self.program::<Xdp>(XDP_INGRESS)?;
         let native = match mode {
             XdpMode::Generic => None,
             XdpMode::Auto if veth => None,
             XdpMode::Native | XdpMode::Auto => Some(program.attach(iface, XdpFlags::Driver)),
         };
-        let used = match (native, mode) {
-            (Some(Ok(_)), _) => "native",
+        let (id, used) = match (native, mode) {
+            (Some(Ok(id)), _) => (id, "native"),
             (Some(Err(e)), XdpMode::Native) => {
                 return Err(e).with_context(|| {
                     format!("cannot attach {XDP_INGRESS} to {iface} in native mode (the driver may not support XDP; try --xdp-mode generic)")
                 })
             }
             _ => {
-                program.attach(iface, XdpFlags::Skb).with_context(|| {
+                let id = program.attach(iface, XdpFlags::Skb).with_context(|| {
                     format!("cannot attach {XDP_INGRESS} to interface {iface} (an interface holds one XDP program: is another tool's there?)")
                 })?;
-                "generic"
+                (id, "generic")
             }
         };
+        let link = FdLink::try_from(program.take_link(id)?)
+            .context("the kernel attached XDP without a BPF link (needs Linux 5.9 or later)")?;
+        let pin = format!("xdp-{used}@{iface}#{ifindex}");
+        self.pin(link, &pin)?;
         self.xdp_modes.push((iface.to_string(), used));
+        Ok(())
+    }
+
+    /// Pins a new link, so it outlives this process.
+    fn pin(&mut self, link: FdLink, pin: &str) -> Result<()> {
+        let path = self.pins.link_path(pin);
+        link.pin(&path)
+            .with_context(|| format!("cannot pin {}", path.display()))?;
+        self.links.push(pin.to_string());
         Ok(())
     }
 
     fn attach_tc(&mut self, iface: &str) -> Result<()> {
         if !has_tcx() {
+            // Classic TC filters cannot be pinned: attached for this run only.
             match tc::qdisc_add_clsact(iface) {
                 Ok(()) => self.added_qdiscs.push(iface.to_string()),
                 // Already there (someone else's): leave it as found.
@@ -167,26 +239,84 @@ impl Probes {
                         .with_context(|| format!("cannot add the clsact qdisc to {iface}"))
                 }
             }
+            self.program::<SchedClassifier>(TC_EGRESS)?
+                .attach(iface, TcAttachType::Egress)
+                .with_context(|| format!("cannot attach {TC_EGRESS} to interface {iface}"))?;
+            return Ok(());
         }
-        self.program::<SchedClassifier>(TC_EGRESS)?
+        let ifindex = crate::netinfo::ifindex(iface)
+            .with_context(|| format!("cannot find the index of interface {iface}"))?;
+        let pin = format!("tc-egress@{iface}#{ifindex}");
+        let path = self.pins.link_path(&pin);
+        let program = self.program::<SchedClassifier>(TC_EGRESS)?;
+        if let Ok(pinned) = aya::programs::links::PinnedLink::from_pin(&path) {
+            let replaced = SchedClassifierLink::try_from(FdLink::from(pinned))
+                .map_err(anyhow::Error::from)
+                .and_then(|link| Ok(program.attach_to_link(link)?));
+            match replaced {
+                Ok(_) => {
+                    self.adopted += 1;
+                    self.links.push(pin);
+                    return Ok(());
+                }
+                Err(e) => {
+                    warn!("cannot reuse the pinned TC link on {iface} ({e:#}): attaching anew")
+                }
+            }
+        }
+        let program = self.program::<SchedClassifier>(TC_EGRESS)?;
+        let id = program
             .attach(iface, TcAttachType::Egress)
             .with_context(|| format!("cannot attach {TC_EGRESS} to interface {iface}"))?;
-        Ok(())
+        let link = FdLink::try_from(program.take_link(id)?)
+            .context("the TC program was attached without a BPF link")?;
+        self.pin(link, &pin)
     }
 
     /// Attaches the connect hooks to a cgroup v2 directory: sockets of processes in it (and
     /// below) are refused at `connect()` when their endpoint's circuit is open. The hooks
     /// attach as BPF links (kernel ≥ 5.7), which leave other programs on the cgroup alone
-    /// whatever the attach mode; the mode's flags are only for the legacy attach.
+    /// whatever the attach mode. A previous run's links stay attached until the new ones are,
+    /// so no connect() goes unchecked in between.
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
         let dir = File::open(cgroup)
             .with_context(|| format!("cannot open the cgroup {}", cgroup.display()))?;
         for name in CONNECT_PROGRAMS {
-            self.program::<CgroupSockAddr>(name)?
+            let pin = name.trim_start_matches("resil_").to_string();
+            let previous = pins::take_pinned_link(&self.pins.link_path(&pin));
+            let program = self.program::<CgroupSockAddr>(name)?;
+            let id = program
                 .attach(&dir, CgroupAttachMode::Single)
                 .with_context(|| {
                     format!("cannot attach {name} to the cgroup {}", cgroup.display())
                 })?;
+            let link = FdLink::try_from(program.take_link(id)?)
+                .context("the cgroup program was attached without a BPF link")?;
+            self.pin(link, &pin)?;
+            if previous.is_some() {
+                self.adopted += 1;
+            }
+            drop(previous);
+        }
+        Ok(())
+    }
+
+    /// After attaching: removes what a previous run pinned and this one does not use, and
+    /// says what was adopted.
+    pub fn finish_adoption(&mut self) -> Result<()> {
+        let removed = self.pins.remove_stale(&self.links)?;
+        if self.adopted > 0 {
+            info!(
+                "replaced the programs of {} pinned attachments in {}",
+                self.adopted,
+                self.pins.root().display()
+            );
+        }
+        if !removed.is_empty() {
+            info!(
+                "removed pinned state no longer used: {}",
+                removed.join(", ")
+            );
         }
         Ok(())
     }
@@ -206,7 +336,8 @@ impl Probes {
 
 impl Drop for Probes {
     fn drop(&mut self) {
-        // Programs and their links are detached when `ebpf` drops; qdiscs need removing.
+        // Pinned links stay attached when `ebpf` drops; classic TC filters (kernels without
+        // TCX) go with it, and their qdiscs need removing.
         for iface in &self.added_qdiscs {
             let status = std::process::Command::new("tc")
                 .args(["qdisc", "del", "dev", iface, "clsact"])

@@ -1,5 +1,6 @@
 //! What the labs of this process made, so an interrupted run (Ctrl-C during a benchmark or the
-//! demo) can still remove it: namespaces, cgroups, and processes started in them.
+//! demo) can still remove it: namespaces, cgroups, processes started in them, and the daemons'
+//! pinned state.
 
 use std::{
     path::PathBuf,
@@ -11,12 +12,14 @@ struct Made {
     namespaces: Vec<String>,
     cgroups: Vec<PathBuf>,
     processes: Vec<u32>,
+    pin_dirs: Vec<PathBuf>,
 }
 
 static MADE: Mutex<Made> = Mutex::new(Made {
     namespaces: Vec::new(),
     cgroups: Vec::new(),
     processes: Vec::new(),
+    pin_dirs: Vec::new(),
 });
 
 fn made() -> MutexGuard<'static, Made> {
@@ -36,6 +39,16 @@ pub fn cgroup(path: &std::path::Path) {
 /// Remembers a process started for a lab (a daemon, a proxy, a server).
 pub fn process(pid: u32) {
     made().processes.push(pid);
+}
+
+/// Remembers the pin directory of a lab's daemon.
+pub fn pin_dir(path: &std::path::Path) {
+    made().pin_dirs.push(path.to_path_buf());
+}
+
+/// Forgets a pin directory removed the ordinary way.
+pub fn forget_pin_dir(path: &std::path::Path) {
+    made().pin_dirs.retain(|p| p != path);
 }
 
 /// Forgets what was removed the ordinary way.
@@ -65,8 +78,8 @@ pub fn everything() {
     remove_remembered();
 }
 
-/// Processes get SIGTERM (daemons detach), processes in the cgroups are killed, then the
-/// namespaces and cgroups go.
+/// Processes get SIGTERM, processes in the cgroups are killed, the daemons' pinned state is
+/// removed, then the namespaces and cgroups go.
 fn remove_remembered() {
     let m = std::mem::take(&mut *made());
     for pid in &m.processes {
@@ -80,6 +93,9 @@ fn remove_remembered() {
         let _ = std::fs::write(cgroup.join("cgroup.kill"), "1");
     }
     std::thread::sleep(std::time::Duration::from_millis(200));
+    for dir in &m.pin_dirs {
+        let _ = crate::cleanup_pins(dir);
+    }
     for ns in &m.namespaces {
         let _ = crate::sh("ip", &["netns", "del", ns]);
     }

@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use nix::sched::{setns, CloneFlags};
-use resil_user::api::{EndpointStatus, StatusReport};
+pub use resil_user::api::{EndpointStatus, StatusReport};
 
 pub mod bench;
 pub mod cleanup;
@@ -260,12 +260,19 @@ impl Lab {
 
     /// Like [`Lab::daemon_with_config`] with extra `resil daemon` arguments.
     pub fn daemon_with_args(&self, config: &str, extra: &[&str]) -> Result<Daemon> {
+        self.daemon_wrapped(&[], config, extra)
+    }
+
+    /// Like [`Lab::daemon_with_args`], run through `wrapper` (for example `setpriv` with its
+    /// options), which must exec the daemon.
+    pub fn daemon_wrapped(&self, wrapper: &[&str], config: &str, extra: &[&str]) -> Result<Daemon> {
         Daemon::start_with(
             &self.client_ns,
             &self.client_if,
             &self.cgroup,
             &self.dir,
             config,
+            wrapper,
             extra,
         )
     }
@@ -686,25 +693,35 @@ pub fn target_bin(name: &str) -> PathBuf {
     bin
 }
 
-/// A running `resil daemon`; stopped with SIGTERM (then SIGKILL) when dropped.
+/// A running `resil daemon`; stopped with SIGTERM (then SIGKILL) when dropped, and its pinned
+/// state removed with `resil daemon --cleanup`.
 pub struct Daemon {
     child: Option<Child>,
     pub socket: PathBuf,
+    /// Its bpffs directory (unique to this daemon).
+    pub pin_dir: PathBuf,
     log: PathBuf,
     config: PathBuf,
+    /// How it was started: `nsenter` and its arguments (a restart runs them again).
+    command: Vec<std::ffi::OsString>,
 }
+
+/// Where the labs' daemons pin their state: a directory of their own on the bpffs.
+const LAB_PIN_ROOT: &str = "/sys/fs/bpf";
 
 impl Daemon {
     fn start(netns: &str, iface: &str, cgroup: &Path, dir: &Path, config: &str) -> Result<Daemon> {
-        Self::start_with(netns, iface, cgroup, dir, config, &[])
+        Self::start_with(netns, iface, cgroup, dir, config, &[], &[])
     }
 
+    /// Starts `wrapper… resil daemon … extra…` in `netns`.
     fn start_with(
         netns: &str,
         iface: &str,
         cgroup: &Path,
         dir: &Path,
         config: &str,
+        wrapper: &[&str],
         extra: &[&str],
     ) -> Result<Daemon> {
         let n = LABS.fetch_add(1, Ordering::SeqCst);
@@ -712,18 +729,47 @@ impl Daemon {
         let config_path = dir.join(format!("resil-{n}.toml"));
         std::fs::write(&config_path, config)?;
         let log = dir.join(format!("daemon-{n}.log"));
-        let netns = format!("--net=/run/netns/{netns}");
-        let log_file = File::create(&log)?;
-        let child = Command::new("nsenter")
-            .arg(&netns)
-            .arg(resil_bin())
-            .args(["daemon", "--iface", iface, "--socket"])
-            .arg(&socket)
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--cgroup")
-            .arg(cgroup)
-            .args(extra)
+        let lab = dir.file_name().map_or_else(
+            || "lab".to_string(),
+            |name| name.to_string_lossy().into_owned(),
+        );
+        let pin_dir = Path::new(LAB_PIN_ROOT).join(format!("{lab}-{n}"));
+        cleanup::pin_dir(&pin_dir);
+        let mut command: Vec<std::ffi::OsString> =
+            vec!["nsenter".into(), format!("--net=/run/netns/{netns}").into()];
+        command.extend(wrapper.iter().map(Into::into));
+        command.extend([
+            resil_bin().into(),
+            "daemon".into(),
+            "--iface".into(),
+            iface.into(),
+            "--socket".into(),
+            socket.clone().into(),
+            "--config".into(),
+            config_path.clone().into(),
+            "--cgroup".into(),
+            cgroup.into(),
+            "--pin-dir".into(),
+            pin_dir.clone().into(),
+        ]);
+        command.extend(extra.iter().map(Into::into));
+        let mut daemon = Daemon {
+            child: None,
+            socket,
+            pin_dir,
+            log,
+            config: config_path,
+            command,
+        };
+        daemon.launch()?;
+        Ok(daemon)
+    }
+
+    /// Starts the process (again) and waits until it answers.
+    fn launch(&mut self) -> Result<()> {
+        let log_file = File::options().create(true).append(true).open(&self.log)?;
+        let child = Command::new(&self.command[0])
+            .args(&self.command[1..])
             .env("RUST_LOG", "info,resil_user::circuits=debug")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
@@ -737,32 +783,50 @@ impl Daemon {
             let _ = child.wait();
             bail!("interrupted");
         }
-        let mut daemon = Daemon {
-            child: Some(child),
-            socket,
-            log,
-            config: config_path,
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if daemon.try_status().is_ok() {
-                return Ok(daemon);
+            if self.try_status().is_ok() {
+                return Ok(());
             }
-            if let Some(status) = daemon
+            if let Some(status) = self
                 .child
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                bail!("resil daemon exited with {status}: {}", daemon.log_text());
+                bail!("resil daemon exited with {status}: {}", self.log_text());
             }
             if Instant::now() > deadline {
                 bail!(
                     "resil daemon did not answer within 30 s: {}",
-                    daemon.log_text()
+                    self.log_text()
                 );
             }
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Starts a stopped daemon again with the same arguments and pin directory.
+    pub fn start_again(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("still running");
+        }
+        self.launch()
+    }
+
+    /// Stops the daemon with `signal` (SIGTERM: an ordinary stop; SIGKILL: a crash) and starts
+    /// it again with the same arguments and pin directory, as `systemctl restart` would.
+    pub fn restart(&mut self, signal: nix::sys::signal::Signal) -> Result<()> {
+        let mut child = self.child.take().context("not running")?;
+        cleanup::forget(&[], None, Some(child.id()));
+        if signal == nix::sys::signal::Signal::SIGTERM {
+            terminate(&mut child)?;
+        } else {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, signal);
+            child.wait()?;
+        }
+        self.launch()
     }
 
     /// The daemon's process id (nsenter execs it, so it is the child's).
@@ -877,11 +941,27 @@ impl Daemon {
         self.config.clone()
     }
 
-    /// Sends SIGTERM and waits for the exit status.
-    pub fn stop(mut self) -> Result<std::process::ExitStatus> {
+    /// Sends SIGTERM and waits for the exit status; the pinned state stays (see
+    /// [`Daemon::cleanup`]).
+    pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
         let mut child = self.child.take().context("already stopped")?;
+        cleanup::forget(&[], None, Some(child.id()));
         terminate(&mut child)
     }
+
+    /// `resil daemon --cleanup` on the daemon's pin directory.
+    pub fn cleanup(&self) -> Result<std::process::Output> {
+        cleanup_pins(&self.pin_dir)
+    }
+}
+
+/// Runs `resil daemon --cleanup --pin-dir DIR`.
+pub fn cleanup_pins(dir: &Path) -> Result<std::process::Output> {
+    Command::new(resil_bin())
+        .args(["daemon", "--cleanup", "--pin-dir"])
+        .arg(dir)
+        .output()
+        .context("cannot run resil daemon --cleanup")
 }
 
 fn terminate(child: &mut Child) -> Result<std::process::ExitStatus> {
@@ -904,9 +984,8 @@ fn terminate(child: &mut Child) -> Result<std::process::ExitStatus> {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            cleanup::forget(&[], None, Some(child.id()));
-            let _ = terminate(&mut child);
-        }
+        let _ = self.stop();
+        let _ = self.cleanup();
+        cleanup::forget_pin_dir(&self.pin_dir);
     }
 }

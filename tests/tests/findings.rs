@@ -291,16 +291,29 @@ fn retransmissions_from_lost_data_packets_are_a_communication_failure() {
     )
     .unwrap();
     let addr = SocketAddr::new(lab.server_ip(Family::V4), 8080);
-    lab.client(|| {
-        let mut stream = connect(addr, Duration::from_secs(2)).expect("connect");
-        stream.set_nodelay(true).unwrap();
-        let chunk = [0x5au8; 200];
-        for _ in 0..300 {
+    // Each loss stalls the stream for a retransmission timeout, during which writes merge into
+    // one segment: keep writing until the kernel has seen enough segments (a busy machine
+    // merges more).
+    let mut stream = lab.client(|| connect(addr, Duration::from_secs(2)).expect("connect"));
+    stream.set_nodelay(true).unwrap();
+    let chunk = [0x5au8; 200];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for _ in 0..100 {
             stream.write_all(&chunk).expect("write");
             thread::sleep(Duration::from_millis(5));
         }
-        thread::sleep(Duration::from_secs(1));
-    });
+        let seen = daemon
+            .status()
+            .endpoints
+            .into_iter()
+            .find(|e| e.endpoint == addr.to_string())
+            .map_or(0, |e| e.segments);
+        if seen >= 60 || Instant::now() > deadline {
+            break;
+        }
+    }
+    thread::sleep(Duration::from_secs(1));
     let f = wait_finding(&daemon, "retransmits", |f| {
         f["domain"] == "communication" && f["evidence"]["retransmits"].is_u64()
     });

@@ -1,5 +1,6 @@
-//! The daemon's life: it attaches, detaches everything on SIGTERM (twice in a row), and
-//! refuses bad input with clear sentences and the documented exit codes.
+//! The daemon's life: it attaches and pins, a stop leaves the pinned state for the next start,
+//! `--cleanup` removes it all; it runs with only its documented capabilities, and refuses bad
+//! input with clear sentences and the documented exit codes.
 
 use std::process::Command;
 
@@ -37,36 +38,85 @@ fn attachments(lab: &Lab) -> String {
     out
 }
 
+/// The programs resil has on the lab's cgroup, as bpftool lists them.
+fn cgroup_programs(lab: &Lab) -> String {
+    sh(
+        "bpftool",
+        &["cgroup", "show", &lab.cgroup.to_string_lossy()],
+    )
+    .unwrap_or_default()
+}
+
 #[test]
-fn start_and_stop_twice_leaves_nothing_behind() {
+fn a_stop_keeps_everything_pinned_and_cleanup_removes_it_all() {
     let lab = Lab::new("lc").unwrap();
     let before = attachments(&lab);
     assert!(!before.contains("resil"), "{before}");
-    for round in 1..=2 {
-        let daemon = lab.daemon().unwrap();
-        let during = attachments(&lab);
-        assert!(
-            during.contains("resil_xdp_ingr") && during.contains("Egress: resil_tc_egress"),
-            "round {round}: programs not attached:\n{during}"
-        );
-        let socket = daemon.socket.clone();
-        let status = daemon.stop().unwrap();
-        assert!(
-            status.success(),
-            "round {round}: daemon exited with {status}"
-        );
-        let after = attachments(&lab);
-        assert!(
-            !after.contains("resil"),
-            "round {round}: left attached:\n{after}"
-        );
-        assert!(
-            !after.contains("clsact"),
-            "round {round}: left a qdisc:\n{after}"
-        );
-        assert!(!socket.exists(), "round {round}: socket left behind");
-    }
-    assert!(!std::path::Path::new("/sys/fs/bpf/resil").exists());
+    let mut daemon = lab.daemon().unwrap();
+    let during = attachments(&lab);
+    assert!(
+        during.contains("resil_xdp_ingr") && during.contains("Egress: resil_tc_egress"),
+        "programs not attached:\n{during}"
+    );
+    assert!(cgroup_programs(&lab).contains("resil_connect4"));
+    let socket = daemon.socket.clone();
+    let status = daemon.stop().unwrap();
+    assert!(status.success(), "daemon exited with {status}");
+    assert!(!socket.exists(), "socket left behind");
+    // Stopped, the programs still observe (and enforce, until verdicts expire).
+    let after_stop = attachments(&lab);
+    assert!(
+        after_stop.contains("resil_xdp_ingr") && after_stop.contains("resil_tc_egress"),
+        "a stop detached:\n{after_stop}"
+    );
+    let links: Vec<String> = std::fs::read_dir(daemon.pin_dir.join("links"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(links.len(), 4, "{links:?}");
+    assert!(daemon.pin_dir.join("maps/v1/ENDPOINTS").exists());
+
+    let out = daemon.cleanup().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("4 attachments detached"), "{said}");
+    let after = attachments(&lab);
+    assert!(!after.contains("resil"), "left attached:\n{after}");
+    assert!(!after.contains("clsact"), "left a qdisc:\n{after}");
+    let cgroup = cgroup_programs(&lab);
+    assert!(!cgroup.contains("resil"), "left on the cgroup:\n{cgroup}");
+    assert!(!daemon.pin_dir.exists(), "pin directory left behind");
+    // Twice is harmless.
+    let out = daemon.cleanup().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing pinned"));
+}
+
+#[test]
+fn cleanup_is_refused_while_the_daemon_runs() {
+    let lab = Lab::new("cr").unwrap();
+    let daemon = lab.daemon().unwrap();
+    let out = Command::new(resil_bin())
+        .args(["daemon", "--cleanup", "--pin-dir"])
+        .arg(&daemon.pin_dir)
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("stop it before cleaning up"), "{err}");
+    // Through another socket path, the directory's lock still says no.
+    let out = daemon.cleanup().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("another resil daemon is using"), "{err}");
+    daemon.status();
+    assert!(attachments(&lab).contains("resil_xdp_ingr"));
 }
 
 #[test]
@@ -80,6 +130,8 @@ fn a_second_daemon_on_the_same_socket_fails_and_leaves_the_first_alone() {
         .arg(&first.socket)
         .arg("--cgroup")
         .arg(&lab.cgroup)
+        .arg("--pin-dir")
+        .arg(lab.dir.join("never-used"))
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -187,7 +239,10 @@ fn non_root_users_get_one_clear_sentence() {
         NO_CGROUP,
     ]);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("must run as root"), "{err}");
+    assert!(
+        err.contains("lacks CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -195,7 +250,7 @@ fn refuses_interfaces_without_ethernet_frames() {
     let lab = Lab::new("tn").unwrap();
     // With loopback down the link type can still be read: the veth is accepted.
     sh("ip", &["-n", &lab.client_ns, "link", "set", "lo", "down"]).unwrap();
-    lab.daemon().unwrap().stop().unwrap();
+    lab.daemon().unwrap();
     sh(
         "ip",
         &[
@@ -217,12 +272,153 @@ fn refuses_interfaces_without_ethernet_frames() {
         .arg(lab.dir.join("tun.sock"))
         .arg("--cgroup")
         .arg(&lab.cgroup)
+        .arg("--pin-dir")
+        .arg(lab.dir.join("never-used"))
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
         err.contains("rtun0 does not carry Ethernet frames"),
+        "{err}"
+    );
+}
+
+/// Exactly CAP_NET_ADMIN (12), CAP_PERFMON (38) and CAP_BPF (39).
+const DOCUMENTED_CAPS: u64 = (1 << 12) | (1 << 38) | (1 << 39);
+
+fn effective_caps(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    u64::from_str_radix(&hex, 16).unwrap()
+}
+
+#[test]
+fn the_daemon_does_its_work_with_only_the_documented_capabilities() {
+    let lab = Lab::new("cp").unwrap();
+    let limited = [
+        "setpriv",
+        "--bounding-set=-all,+bpf,+net_admin,+perfmon",
+        "--inh-caps=-all",
+        "--",
+    ];
+    let config = "[defaults]\nconsecutive_failures = 3\nopen_wait = \"1m\"\n";
+    let mut daemon = lab.daemon_wrapped(&limited, config, &[]).unwrap();
+    let pid = daemon.pid().unwrap();
+    assert_eq!(effective_caps(pid), DOCUMENTED_CAPS, "pid {pid}");
+    // It observes, decides and enforces: three refusals open the circuit, then the kernel
+    // refuses at once.
+    let addr: std::net::SocketAddr = format!("{}:8080", lab.server_ip(resil_tests::Family::V4))
+        .parse()
+        .unwrap();
+    let endpoint = addr.to_string();
+    lab.connect_in_cgroup(addr, 3, std::time::Duration::from_secs(5), false);
+    let e = daemon.wait_for(&endpoint, std::time::Duration::from_secs(10), |e| {
+        e.state == "open"
+    });
+    assert_eq!(e.state, "open", "{e:?}\n{}", daemon.log_text());
+    for a in lab.connect_in_cgroup(addr, 2, std::time::Duration::from_secs(5), false) {
+        assert_eq!(a.outcome, "ConnectionRefused", "{a:?}");
+    }
+    let e = daemon.wait_for(&endpoint, std::time::Duration::from_secs(10), |e| {
+        e.fast_failed >= 2
+    });
+    assert_eq!(e.fast_failed, 2, "{e:?}");
+    // A restart with the same capabilities adopts the pinned state.
+    daemon.restart(nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert_eq!(effective_caps(daemon.pid().unwrap()), DOCUMENTED_CAPS);
+    let e = daemon.wait_for(&endpoint, std::time::Duration::from_secs(10), |e| {
+        e.state == "open"
+    });
+    assert_eq!(e.state, "open", "{e:?}\n{}", daemon.log_text());
+}
+
+#[test]
+fn each_missing_capability_is_named() {
+    let lab = Lab::new("cm").unwrap();
+    for (keep, missing) in [
+        ("+net_admin,+perfmon", "CAP_BPF"),
+        ("+bpf,+perfmon", "CAP_NET_ADMIN"),
+        ("+bpf,+net_admin", "CAP_PERFMON"),
+    ] {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", lab.client_ns))
+            .arg("setpriv")
+            .arg(format!("--bounding-set=-all,{keep}"))
+            .args(["--inh-caps=-all", "--"])
+            .arg(resil_bin())
+            .args(["daemon", "--iface", &lab.client_if, "--socket"])
+            .arg(lab.dir.join("caps.sock"))
+            .arg("--cgroup")
+            .arg(&lab.cgroup)
+            .arg("--pin-dir")
+            .arg(lab.dir.join("never-used"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(&format!("lacks {missing}:")), "{err}");
+    }
+}
+
+#[test]
+fn a_socket_group_lets_its_members_use_the_cli_and_no_one_else() {
+    let lab = Lab::new("sg").unwrap();
+    // A group for the test alone: a free id, given numerically (no /etc/group entry needed).
+    let gid = 47_000 + std::process::id() % 10_000;
+    let gid_text = gid.to_string();
+    let daemon = lab
+        .daemon_with_args("", &["--socket-group", &gid_text])
+        .unwrap();
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(&daemon.socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), gid);
+    // The lab directory must let others reach the socket.
+    std::fs::set_permissions(&lab.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let as_user = |groups: &str| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534"])
+            .arg(format!("--groups={groups}"))
+            .arg("--")
+            .arg(resil_bin())
+            .args(["status", "--socket"])
+            .arg(&daemon.socket)
+            .output()
+            .unwrap()
+    };
+    let member = as_user(&gid_text);
+    assert!(
+        member.status.success(),
+        "{}",
+        String::from_utf8_lossy(&member.stderr)
+    );
+    let outsider = as_user("65534");
+    let err = String::from_utf8_lossy(&outsider.stderr);
+    assert_eq!(outsider.status.code(), Some(1), "{err}");
+    assert!(err.contains("permission denied"), "{err}");
+
+    let out = Command::new(resil_bin())
+        .args([
+            "daemon",
+            "--socket-group",
+            "resil-no-such-group",
+            "--iface",
+            "lo",
+        ])
+        .args(["--cgroup", NO_CGROUP, "--socket"])
+        .arg(lab.dir.join("g.sock"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("group resil-no-such-group does not exist"),
         "{err}"
     );
 }

@@ -159,12 +159,23 @@ fn a_real_prometheus_scrapes_the_daemon() {
 }
 
 #[test]
-fn liveness_other_paths_and_metrics_off() {
+fn liveness_readiness_other_paths_and_metrics_off() {
     let lab = Lab::new("ml").unwrap();
     let daemon = lab.daemon().unwrap();
     let metrics: SocketAddr = METRICS.parse().unwrap();
     let (status, _, body) = lab.client(|| http_get(metrics, "/healthz")).unwrap();
     assert_eq!((status, body.as_str()), (200, "ok\n"));
+    // Ready once the programs are attached and the first tick is done (a tick is 100 ms).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let ready = loop {
+        let (status, _, body) = lab.client(|| http_get(metrics, "/readyz")).unwrap();
+        if status == 200 || std::time::Instant::now() > deadline {
+            break (status, body);
+        }
+        assert_eq!((status, body.as_str()), (503, "starting\n"));
+        thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!((ready.0, ready.1.as_str()), (200, "ok\n"));
     let (status, _, _) = lab.client(|| http_get(metrics, "/nope")).unwrap();
     assert_eq!(status, 404);
     drop(daemon);

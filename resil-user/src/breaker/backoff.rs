@@ -34,6 +34,14 @@ impl Backoff {
         }
     }
 
+    /// A backoff that has already counted `level` consecutive openings (a restored breaker).
+    pub fn with_level(seed: u64, level: u32) -> Self {
+        Self {
+            level,
+            ..Self::new(seed)
+        }
+    }
+
     /// The wait before the un-jittered value at the current level.
     pub fn nominal_ns(&self, policy: &BackoffPolicy) -> u64 {
         let growth = policy.multiplier.max(1.0).powi(self.level.min(64) as i32);

@@ -287,6 +287,21 @@ pub struct Recorded {
     successes: u64,
 }
 
+/// What of a breaker outlives a daemon restart: its state, why, and how long it waits. Not its
+/// window: a restored breaker counts outcomes afresh. Times are CLOCK_MONOTONIC, valid until
+/// the machine reboots (as are the pinned maps that keep this).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SavedState {
+    pub state: State,
+    pub entered_ns: u64,
+    /// OPEN: when the wait ends.
+    pub open_until_ns: u64,
+    /// Consecutive openings the backoff has counted.
+    pub backoff_level: u32,
+    pub generation: u64,
+    pub reason: Option<Reason>,
+}
+
 /// The breaker of one endpoint.
 #[derive(Debug, Clone)]
 pub struct Breaker {
@@ -333,6 +348,33 @@ impl Breaker {
             healthy_since_ns: now_ns,
             reason: None,
         }
+    }
+
+    /// What to keep across a restart: every state but CLOSED (a closed breaker restarts
+    /// closed, its backoff decayed).
+    pub fn save(&self) -> Option<SavedState> {
+        (self.state != State::Closed).then(|| SavedState {
+            state: self.state,
+            entered_ns: self.entered_ns,
+            open_until_ns: self.open_until_ns,
+            backoff_level: self.backoff.level(),
+            generation: self.generation,
+            reason: self.reason.clone(),
+        })
+    }
+
+    /// A breaker as a previous run saved it. A HALF_OPEN one starts a new probe period (the
+    /// old one's probes were in flight when the daemon stopped); the generation moves on so
+    /// the kernel's old probe tokens match nothing.
+    pub fn restore(policy: BreakerPolicy, saved: SavedState, now_ns: u64, seed: u64) -> Self {
+        let mut breaker = Self::new(policy, now_ns, seed);
+        breaker.state = saved.state;
+        breaker.entered_ns = saved.entered_ns;
+        breaker.open_until_ns = saved.open_until_ns;
+        breaker.backoff = Backoff::with_level(seed, saved.backoff_level);
+        breaker.generation = saved.generation.wrapping_add(1);
+        breaker.reason = saved.reason;
+        breaker
     }
 
     /// The state machine's state.

@@ -706,3 +706,60 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_restored_open_breaker_waits_out_the_same_open_period() {
+    let mut rig = Rig::new(policy());
+    rig.open();
+    let saved = rig.b.save().expect("an open breaker is saved");
+    let until = rig.b.open_until_ns().unwrap();
+    // A new daemon, a little later: still open, for the same reason, until the same moment.
+    let mut b = Breaker::restore(policy(), saved.clone(), rig.now + SEC, 7);
+    assert_eq!(b.state(), State::Open);
+    assert_eq!(b.reason(), saved.reason.as_ref());
+    assert_eq!(b.open_until_ns(), Some(until));
+    assert!(!b.admit().admitted);
+    assert_eq!(b.tick(until - 1), None);
+    let t = b.tick(until).expect("half-opens when the wait ends");
+    assert_eq!(t.to, State::HalfOpen);
+    // The backoff remembers the opening: the next wait is twice as long.
+    let ticket = b.admit();
+    let (_, t) = b.record(until, ticket, REFUSED);
+    assert_eq!(t.unwrap().to, State::Open);
+    assert_eq!(b.open_until_ns(), Some(until + 10 * SEC));
+}
+
+#[test]
+fn a_restored_half_open_breaker_starts_a_new_probe_period() {
+    let mut rig = Rig::new(policy());
+    rig.open();
+    rig.wait_open();
+    let probe = rig.b.admit();
+    assert!(probe.probe, "the one probe went out before the restart");
+    let saved = rig.b.save().unwrap();
+    let mut b = Breaker::restore(policy(), saved, rig.now, 7);
+    assert_eq!(b.state(), State::HalfOpen);
+    assert!(
+        b.generation() > rig.b.generation(),
+        "old tokens match nothing"
+    );
+    assert_eq!(b.probes_left(), 1);
+    let ticket = b.admit();
+    assert!(ticket.probe);
+    let (_, t) = b.record(rig.now, ticket, OK);
+    assert_eq!(t.unwrap().to, State::Closed);
+}
+
+#[test]
+fn closed_breakers_are_not_saved_and_manual_states_are() {
+    let mut b = Breaker::new(policy(), 0, 7);
+    assert_eq!(b.save(), None);
+    b.force_open(SEC);
+    let restored = Breaker::restore(policy(), b.save().unwrap(), 2 * SEC, 7);
+    assert_eq!(restored.state(), State::ForcedOpen);
+    b.disable(3 * SEC);
+    let restored = Breaker::restore(policy(), b.save().unwrap(), 4 * SEC, 7);
+    assert_eq!(restored.state(), State::Disabled);
+    b.reset(5 * SEC);
+    assert_eq!(b.save(), None);
+}
