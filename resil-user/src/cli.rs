@@ -13,7 +13,7 @@ use crate::{
     config::Config,
     daemon::{self, DaemonOptions},
     error::usage,
-    metrics,
+    kubernetes, metrics,
     output::{self, Format},
     pins,
     probes::XdpMode,
@@ -122,6 +122,17 @@ pub struct DaemonArgs {
     /// circuits and verdicts survive.
     #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
+    /// Name endpoints after the pods and services that have their addresses, from the
+    /// Kubernetes API (needs get, list and watch on pods and services).
+    #[arg(long)]
+    pub kubernetes_names: bool,
+    /// The Kubernetes API server, like https://10.96.0.1:443. Default: the in-cluster
+    /// KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT.
+    #[arg(long, value_name = "URL", requires = "kubernetes_names")]
+    pub kubernetes_api: Option<String>,
+    /// Directory with the service account's `token` and `ca.crt`.
+    #[arg(long, value_name = "DIR", default_value = kubernetes::DEFAULT_CREDENTIALS)]
+    pub kubernetes_credentials: PathBuf,
     /// Detach and remove everything pinned under --pin-dir, then exit (uninstall). Refused
     /// while a daemon uses it.
     #[arg(long)]
@@ -195,6 +206,9 @@ pub fn run() -> Result<()> {
             socket: args.socket,
             socket_group: args.socket_group,
             pin_dir: args.pin_dir,
+            kubernetes: args
+                .kubernetes_names
+                .then_some((args.kubernetes_api, args.kubernetes_credentials)),
             cgroup: args.cgroup,
             bpf_log: args.bpf_log,
             xdp_mode: args.xdp_mode,

@@ -43,6 +43,7 @@ use crate::{
     error::usage,
     events::{Event, EventLog, Shedding},
     findings::{self, BreakerView, Change, Domain, Finding, Findings, Observed, ObservedResolver},
+    kubernetes,
     metrics::{
         self, DaemonHealth, EndpointLabels, EndpointSample, MapFill, ResolverSample, Scrape,
         Snapshot,
@@ -92,6 +93,8 @@ pub struct DaemonOptions {
     pub pin_dir: PathBuf,
     /// The group that may use the API socket; `None`: only its owner.
     pub socket_group: Option<String>,
+    /// Name endpoints from the Kubernetes API: (API address if not in-cluster's, credentials).
+    pub kubernetes: Option<(Option<String>, PathBuf)>,
 }
 
 /// Runs the daemon until a signal asks it to stop.
@@ -105,6 +108,12 @@ pub fn run(options: DaemonOptions) -> Result<()> {
         .map(SocketGroup::lookup)
         .transpose()
         .map_err(|e| usage(format!("{e:#}")))?;
+    let kubernetes = options
+        .kubernetes
+        .as_ref()
+        .map(|(api, credentials)| kubernetes::ApiAccess::resolve(api.as_deref(), credentials))
+        .transpose()
+        .map_err(|e| usage(format!("{e:#}")))?;
     let interfaces = resolve_interfaces(&options.interfaces)?;
     let cgroup = resolve_cgroup(options.cgroup.as_deref())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -112,7 +121,10 @@ pub fn run(options: DaemonOptions) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, agent(config, interfaces, cgroup, group, options))
+    local.block_on(
+        &runtime,
+        agent(config, interfaces, cgroup, group, kubernetes, options),
+    )
 }
 
 fn resolve_cgroup(asked: Option<&std::path::Path>) -> Result<PathBuf> {
@@ -778,6 +790,16 @@ impl Agent {
     }
 }
 
+/// The next name update from the Kubernetes watchers; never, when there are none.
+async fn next_update(
+    cluster: &mut Option<mpsc::Receiver<kubernetes::Update>>,
+) -> Option<kubernetes::Update> {
+    match cluster {
+        Some(updates) => updates.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Registers a ring buffer with the runtime so the loop wakes when records arrive.
 fn watch<T: AsRawFd>(inner: T, what: &str) -> Result<AsyncFd<T>> {
     // SAFETY: ring buffers own their map file descriptor for as long as they live, and the
@@ -816,6 +838,7 @@ async fn agent(
     interfaces: Vec<String>,
     cgroup: PathBuf,
     group: Option<SocketGroup>,
+    kubernetes: Option<kubernetes::ApiAccess>,
     options: DaemonOptions,
 ) -> Result<()> {
     // Before anything is attached, so a signal during start-up still ends in a clean exit.
@@ -851,6 +874,7 @@ async fn agent(
         let scrape_tx = scrape_tx.clone();
         tokio::task::spawn_local(async move { metrics::serve(listener, scrape_tx).await })
     });
+    let mut cluster = kubernetes.as_ref().map(kubernetes::start).transpose()?;
     let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let mut tick = tokio::time::interval(config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -905,6 +929,10 @@ async fn agent(
                 Scrape::Metrics(reply) => { let _ = reply.send(agent.metrics(&collector)); }
                 Scrape::Alive(reply) => { let _ = reply.send(true); }
                 Scrape::Ready(reply) => { let _ = reply.send(agent.ticks > 0); }
+            },
+            update = next_update(&mut cluster) => match update {
+                Some(update) => agent.names.update_cluster(update),
+                None => cluster = None,
             },
             _ = hangup.recv() => agent.reload(),
             _ = interrupt.recv() => { info!("SIGINT: exiting"); break; }

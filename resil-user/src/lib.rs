@@ -19,6 +19,7 @@ pub mod enforcer;
 pub mod error;
 pub mod events;
 pub mod findings;
+pub mod kubernetes;
 pub mod metrics;
 pub mod names;
 pub mod netinfo;

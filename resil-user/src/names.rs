@@ -1,6 +1,7 @@
 //! Names for addresses, so people read `api.internal (10.0.3.7:443)` rather than a bare
-//! address: the names recent DNS answers gave (what the application asked for), then
-//! /etc/hosts. The policy's dependency names come first, from the circuits.
+//! address: in a cluster (`--kubernetes-names`) the pod or service that has the address
+//! (`shop/web-0`), then the names recent DNS answers gave (what the application asked for),
+//! then /etc/hosts. The policy's dependency names come first, from the circuits.
 //!
 //! Pure apart from reading the hosts file; times are CLOCK_MONOTONIC nanoseconds.
 
@@ -31,6 +32,9 @@ pub struct Names {
     hosts_modified: Option<SystemTime>,
     hosts: HashMap<IpAddr, String>,
     learned: HashMap<IpAddr, Learned>,
+    /// From the Kubernetes API: service cluster IPs, pod IPs.
+    services: HashMap<IpAddr, String>,
+    pods: HashMap<IpAddr, String>,
 }
 
 impl Names {
@@ -41,6 +45,8 @@ impl Names {
             hosts_modified: None,
             hosts: HashMap::new(),
             learned: HashMap::new(),
+            services: HashMap::new(),
+            pods: HashMap::new(),
         };
         names.refresh_hosts();
         names
@@ -87,12 +93,33 @@ impl Names {
         );
     }
 
+    /// What the Kubernetes API said changed.
+    pub fn update_cluster(&mut self, update: crate::kubernetes::Update) {
+        let names = match update.kind {
+            crate::kubernetes::Kind::Pod => &mut self.pods,
+            crate::kubernetes::Kind::Service => &mut self.services,
+        };
+        if update.reset {
+            names.clear();
+        }
+        for ip in update.removed {
+            names.remove(&ip);
+        }
+        names.extend(update.set);
+    }
+
     /// The name of `ip`, if one is known.
     pub fn lookup(&self, ip: &IpAddr, now_ns: u64) -> Option<&str> {
-        self.learned
+        self.services
             .get(ip)
-            .filter(|l| l.until_ns > now_ns)
-            .map(|l| l.name.as_str())
+            .or_else(|| self.pods.get(ip))
+            .map(String::as_str)
+            .or_else(|| {
+                self.learned
+                    .get(ip)
+                    .filter(|l| l.until_ns > now_ns)
+                    .map(|l| l.name.as_str())
+            })
             .or_else(|| self.hosts.get(ip).map(String::as_str))
     }
 }
@@ -151,6 +178,45 @@ mod tests {
         names.learn(ip, "long.example", 3600, 0);
         assert_eq!(names.lookup(&ip, 3000 * S), Some("long.example"));
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn cluster_names_win_and_follow_their_updates() {
+        use crate::kubernetes::{Kind, Update};
+        let mut names = Names::new(Path::new("/nonexistent/hosts"));
+        let ip: IpAddr = "10.1.0.5".parse().unwrap();
+        names.learn(ip, "web-0.web.shop.svc.cluster.local", 30, 0);
+        let update = |kind, reset, set: Vec<(IpAddr, String)>, removed| Update {
+            kind,
+            reset,
+            set,
+            removed,
+        };
+        names.update_cluster(update(
+            Kind::Pod,
+            true,
+            vec![(ip, "shop/web-0".into())],
+            vec![],
+        ));
+        assert_eq!(names.lookup(&ip, S), Some("shop/web-0"));
+        names.update_cluster(update(
+            Kind::Service,
+            false,
+            vec![(ip, "shop/web".into())],
+            vec![],
+        ));
+        assert_eq!(
+            names.lookup(&ip, S),
+            Some("shop/web"),
+            "a service beats a pod"
+        );
+        names.update_cluster(update(Kind::Service, false, vec![], vec![ip]));
+        names.update_cluster(update(Kind::Pod, true, vec![], vec![]));
+        assert_eq!(
+            names.lookup(&ip, S),
+            Some("web-0.web.shop.svc.cluster.local"),
+            "a relist without the pod forgets it"
+        );
     }
 
     #[test]
