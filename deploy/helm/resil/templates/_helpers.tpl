@@ -1,0 +1,58 @@
+{{/* The release's object name: "resil" for a release called resil. */}}
+{{- define "resil.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "resil.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "resil.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "resil.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "resil.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "resil.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "resil.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/*
+The container's security context: uid 0 with the three capabilities the daemon needs, and
+CHOWN when it must give the socket to a group it is not in. Called with (dict "root" $
+"chown" bool).
+*/}}
+{{- define "resil.securityContext" -}}
+runAsUser: 0
+runAsGroup: 0
+runAsNonRoot: false
+privileged: false
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop:
+    - ALL
+  add:
+    - BPF
+    - NET_ADMIN
+    - PERFMON
+    {{- if and .chown .root.Values.socketGroup }}
+    - CHOWN
+    {{- end }}
+seccompProfile:
+  {{- toYaml .root.Values.seccompProfile | nindent 2 }}
+{{- end -}}
