@@ -2,10 +2,14 @@
 //! `--cleanup` removes it all; it runs with only its documented capabilities, and refuses bad
 //! input with clear sentences and the documented exit codes.
 
-use std::process::Command;
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use aya::programs::{SchedClassifier, TcAttachType};
-use resil_tests::{in_netns, resil_bin, sh, Lab};
+use resil_tests::{in_netns, resil_bin, sh, target_bin, Daemon, Lab};
 
 /// What is attached to the lab's client interface, as the kernel reports it: TCX programs
 /// (names cut to 15 characters by the kernel), the XDP program, qdiscs and classic TC filters.
@@ -298,6 +302,33 @@ fn effective_caps(pid: u32) -> u64 {
     u64::from_str_radix(&hex, 16).unwrap()
 }
 
+/// Starts the daemon in `lab` through `wrapper`, which must leave it exactly the documented
+/// capabilities, and checks that it does its whole job so: three refusals open a circuit, the
+/// kernel then refuses at once, and a restart the same way adopts the open circuit.
+fn does_its_work_with_only_the_documented_capabilities(lab: &Lab, wrapper: &[&str]) -> Daemon {
+    let config = "[defaults]\nconsecutive_failures = 3\nopen_wait = \"1m\"\n";
+    let mut daemon = lab.daemon_wrapped(wrapper, config, &[]).unwrap();
+    let pid = daemon.pid().unwrap();
+    assert_eq!(effective_caps(pid), DOCUMENTED_CAPS, "pid {pid}");
+    let addr: std::net::SocketAddr = format!("{}:8080", lab.server_ip(resil_tests::Family::V4))
+        .parse()
+        .unwrap();
+    let endpoint = addr.to_string();
+    lab.connect_in_cgroup(addr, 3, Duration::from_secs(5), false);
+    let e = daemon.wait_for(&endpoint, Duration::from_secs(10), |e| e.state == "open");
+    assert_eq!(e.state, "open", "{e:?}\n{}", daemon.log_text());
+    for a in lab.connect_in_cgroup(addr, 2, Duration::from_secs(5), false) {
+        assert_eq!(a.outcome, "ConnectionRefused", "{a:?}");
+    }
+    let e = daemon.wait_for(&endpoint, Duration::from_secs(10), |e| e.fast_failed >= 2);
+    assert_eq!(e.fast_failed, 2, "{e:?}");
+    daemon.restart(nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert_eq!(effective_caps(daemon.pid().unwrap()), DOCUMENTED_CAPS);
+    let e = daemon.wait_for(&endpoint, Duration::from_secs(10), |e| e.state == "open");
+    assert_eq!(e.state, "open", "{e:?}\n{}", daemon.log_text());
+    daemon
+}
+
 #[test]
 fn the_daemon_does_its_work_with_only_the_documented_capabilities() {
     let lab = Lab::new("cp").unwrap();
@@ -307,35 +338,103 @@ fn the_daemon_does_its_work_with_only_the_documented_capabilities() {
         "--inh-caps=-all",
         "--",
     ];
-    let config = "[defaults]\nconsecutive_failures = 3\nopen_wait = \"1m\"\n";
-    let mut daemon = lab.daemon_wrapped(&limited, config, &[]).unwrap();
-    let pid = daemon.pid().unwrap();
-    assert_eq!(effective_caps(pid), DOCUMENTED_CAPS, "pid {pid}");
-    // It observes, decides and enforces: three refusals open the circuit, then the kernel
-    // refuses at once.
-    let addr: std::net::SocketAddr = format!("{}:8080", lab.server_ip(resil_tests::Family::V4))
-        .parse()
-        .unwrap();
-    let endpoint = addr.to_string();
-    lab.connect_in_cgroup(addr, 3, std::time::Duration::from_secs(5), false);
-    let e = daemon.wait_for(&endpoint, std::time::Duration::from_secs(10), |e| {
-        e.state == "open"
-    });
-    assert_eq!(e.state, "open", "{e:?}\n{}", daemon.log_text());
-    for a in lab.connect_in_cgroup(addr, 2, std::time::Duration::from_secs(5), false) {
-        assert_eq!(a.outcome, "ConnectionRefused", "{a:?}");
+    does_its_work_with_only_the_documented_capabilities(&lab, &limited);
+}
+
+/// The shared objects the image's runtime base, gcr.io/distroless/cc-debian12
+/// (deploy/Dockerfile), ships: glibc's and libgcc_s (and libstdc++, libgomp).
+const DISTROLESS_CC: [&str; 10] = [
+    "ld-linux-x86-64.so.2",
+    "ld-linux-aarch64.so.1",
+    "libc.so.6",
+    "libm.so.6",
+    "libdl.so.2",
+    "libpthread.so.0",
+    "librt.so.1",
+    "libgcc_s.so.1",
+    "libstdc++.so.6",
+    "libgomp.so.1",
+];
+
+/// A root filesystem holding what the image's runtime stage adds to nothing: the binary at
+/// /usr/local/bin/resil and the shared objects it loads, at the paths it loads them from. No
+/// shell, no /etc, no /dev.
+fn image_root(root: &Path) -> PathBuf {
+    let binary = resil_bin();
+    let needed = sh("readelf", &["-d", &binary.to_string_lossy()]).unwrap();
+    for line in needed.lines().filter(|l| l.contains("(NEEDED)")) {
+        let library = line
+            .split('[')
+            .nth(1)
+            .and_then(|rest| rest.split(']').next())
+            .unwrap_or_else(|| panic!("readelf line: {line}"));
+        assert!(
+            DISTROLESS_CC.contains(&library),
+            "resil links {library}, which the image's distroless base lacks"
+        );
     }
-    let e = daemon.wait_for(&endpoint, std::time::Duration::from_secs(10), |e| {
-        e.fast_failed >= 2
-    });
-    assert_eq!(e.fast_failed, 2, "{e:?}");
-    // A restart with the same capabilities adopts the pinned state.
-    daemon.restart(nix::sys::signal::Signal::SIGTERM).unwrap();
-    assert_eq!(effective_caps(daemon.pid().unwrap()), DOCUMENTED_CAPS);
-    let e = daemon.wait_for(&endpoint, std::time::Duration::from_secs(10), |e| {
-        e.state == "open"
-    });
-    assert_eq!(e.state, "open", "{e:?}\n{}", daemon.log_text());
+    let place = |from: &Path, inside: &str| {
+        let to = root.join(inside.trim_start_matches('/'));
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(from, &to).unwrap_or_else(|e| panic!("{}: {e}", from.display()));
+    };
+    place(&binary, "/usr/local/bin/resil");
+    // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)", "/lib64/ld-linux-x86-64.so.2 (0x…)";
+    // the vDSO has no file.
+    let loaded = sh("ldd", &[&binary.to_string_lossy()]).unwrap();
+    for line in loaded.lines() {
+        let path = line.split("=> ").nth(1).unwrap_or(line).trim();
+        let path = path.split(" (").next().unwrap_or(path);
+        if path.starts_with('/') {
+            place(Path::new(path), path);
+        }
+    }
+    root.to_path_buf()
+}
+
+#[test]
+fn the_image_root_runs_the_daemon_as_the_daemonset_does() {
+    let lab = Lab::new("im").unwrap();
+    let root = image_root(&lab.dir.join("image"));
+    // As the DaemonSet runs it: read-only root, the host's /sys (bpffs, cgroup root) and
+    // /proc, the lab directory for the socket and the policy (its /run/resil and ConfigMap),
+    // capabilities dropped to the three, no privilege escalation.
+    let container = target_bin("resil-container");
+    let (container, root_text, dir) = (
+        container.to_string_lossy(),
+        root.to_string_lossy(),
+        lab.dir.to_string_lossy(),
+    );
+    let wrapper = [
+        &*container,
+        "--root",
+        &*root_text,
+        "--bind",
+        "/sys",
+        "--bind",
+        "/proc",
+        "--bind",
+        &*dir,
+        "--caps",
+        "bpf,net_admin,perfmon",
+        "--entrypoint",
+        "/usr/local/bin/resil",
+        "--",
+    ];
+    let daemon = does_its_work_with_only_the_documented_capabilities(&lab, &wrapper);
+    let pid = daemon.pid().unwrap();
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/root")).unwrap(),
+        root,
+        "the daemon runs in the image root"
+    );
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    let shells = ["bin/sh", "bin/bash", "usr/bin/sh", "etc"];
+    assert!(
+        shells.iter().all(|p| !root.join(p).exists()),
+        "the image root holds only the binary and its libraries"
+    );
 }
 
 #[test]
