@@ -495,7 +495,8 @@ fn custom_values_render_valid_manifests() {
              socketGroup: resil\n\
              seccompProfile: {type: Unconfined}\n\
              serviceMonitor: {enabled: true, interval: 15s, labels: {release: prometheus}}\n\
-             kubernetesNames: true\n",
+             kubernetesNames: true\n\
+             hostCgroupRoot: /sys/fs/cgroup/unified\n",
         ),
     );
     let mut expected = set(&CORE);
@@ -506,9 +507,14 @@ fn custom_values_render_valid_manifests() {
     let container = agent(&docs, "resil");
     let args = strings(&container["args"]);
     assert_eq!(flags(&args, "--iface"), ["eth0", "eth1"]);
+    let pod = &object(&docs, "DaemonSet", "resil")["spec"]["template"]["spec"];
+    let cgroup = pod["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == "cgroup"))
+        .expect("volume cgroup");
+    assert_eq!(cgroup["hostPath"]["path"], "/sys/fs/cgroup/unified");
     // --kubernetes-names: a token, and read access to pods and services, nothing more.
     assert!(args.iter().any(|a| a == "--kubernetes-names"));
-    let pod = &object(&docs, "DaemonSet", "resil")["spec"]["template"]["spec"];
     assert_eq!(pod["automountServiceAccountToken"], true);
     let role = object(&docs, "ClusterRole", "resil");
     assert_eq!(role["rules"].as_array().map(Vec::len), Some(1));
