@@ -190,6 +190,18 @@ impl Probes {
                 }
             }
         }
+        // Whatever a previous run left on this interface (another mode, or a link that would
+        // not take the new program) goes first: an interface holds one XDP program, and one
+        // mode at a time. Ingress goes unobserved until the new program is attached.
+        for used in ["native", "generic"] {
+            let path = self
+                .pins
+                .link_path(&format!("xdp-{used}@{iface}#{ifindex}"));
+            if let Some(old) = pins::take_pinned_link(&path) {
+                info!("detaching the {used} XDP program a previous run left on {iface}");
+                drop(old);
+            }
+        }
         let program = self.program::<Xdp>(XDP_INGRESS)?;
         let native = match mode {
             XdpMode::Generic => None,
@@ -264,13 +276,18 @@ impl Probes {
                 }
             }
         }
+        // A pinned link that would not take the new program stays attached (TCX holds several)
+        // until the new one is pinned in its place.
+        let previous = pins::take_pinned_link(&path);
         let program = self.program::<SchedClassifier>(TC_EGRESS)?;
         let id = program
             .attach(iface, TcAttachType::Egress)
             .with_context(|| format!("cannot attach {TC_EGRESS} to interface {iface}"))?;
         let link = FdLink::try_from(program.take_link(id)?)
             .context("the TC program was attached without a BPF link")?;
-        self.pin(link, &pin)
+        self.pin(link, &pin)?;
+        drop(previous);
+        Ok(())
     }
 
     /// Attaches the connect hooks to a cgroup v2 directory: sockets of processes in it (and

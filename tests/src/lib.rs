@@ -704,6 +704,8 @@ pub struct Daemon {
     config: PathBuf,
     /// How it was started: `nsenter` and its arguments (a restart runs them again).
     command: Vec<std::ffi::OsString>,
+    /// Where the extra arguments begin in `command`.
+    extra_at: usize,
 }
 
 /// Where the labs' daemons pin their state: a directory of their own on the bpffs.
@@ -752,6 +754,7 @@ impl Daemon {
             "--pin-dir".into(),
             pin_dir.clone().into(),
         ]);
+        let extra_at = command.len();
         command.extend(extra.iter().map(Into::into));
         let mut daemon = Daemon {
             child: None,
@@ -760,6 +763,7 @@ impl Daemon {
             log,
             config: config_path,
             command,
+            extra_at,
         };
         daemon.launch()?;
         Ok(daemon)
@@ -812,6 +816,14 @@ impl Daemon {
             bail!("still running");
         }
         self.launch()
+    }
+
+    /// Stops the daemon with SIGTERM and starts it again on the same pin directory with other
+    /// extra arguments, as an upgrade that changes the daemon's flags would.
+    pub fn restart_with_args(&mut self, extra: &[&str]) -> Result<()> {
+        self.command.truncate(self.extra_at);
+        self.command.extend(extra.iter().map(Into::into));
+        self.restart(nix::sys::signal::Signal::SIGTERM)
     }
 
     /// Stops the daemon with `signal` (SIGTERM: an ordinary stop; SIGKILL: a crash) and starts

@@ -110,3 +110,54 @@ fn manual_states_survive_a_restart_and_a_reset_is_saved_too() {
     assert_eq!(after.refused, before.refused + 1, "{after:?}");
     assert_eq!(after.fast_failed, before.fast_failed, "{after:?}");
 }
+
+/// The XDP mode the client interface runs: "generic", "native" or none.
+fn xdp_mode(lab: &Lab) -> Option<&'static str> {
+    let link = resil_tests::sh(
+        "ip",
+        &["-n", &lab.client_ns, "link", "show", "dev", &lab.client_if],
+    )
+    .unwrap();
+    let first = link.lines().next().unwrap_or_default();
+    if first.contains(" xdpgeneric ") {
+        Some("generic")
+    } else if first.contains(" xdp ") {
+        Some("native")
+    } else {
+        None
+    }
+}
+
+#[test]
+fn a_restart_in_another_xdp_mode_takes_the_interface_over() {
+    let lab = Lab::new("xm").unwrap();
+    // Refusals never open the circuit here: every attempt reaches the peer and is observed.
+    let config = "[defaults]\nconsecutive_failures = 0\nminimum_calls = 1000\n";
+    let mut daemon = lab
+        .daemon_with_args(config, &["--xdp-mode", "native"])
+        .unwrap();
+    assert_eq!(xdp_mode(&lab), Some("native"));
+    let addr = SocketAddr::new(lab.server_ip(Family::V4), 8080);
+    let endpoint = addr.to_string();
+    let mut refused = 0;
+    for (args, mode) in [
+        (&[][..], "generic"),
+        (&["--xdp-mode", "native"][..], "native"),
+        (&["--xdp-mode", "generic"][..], "generic"),
+    ] {
+        daemon.restart_with_args(args).unwrap();
+        assert_eq!(
+            xdp_mode(&lab),
+            Some(mode),
+            "{args:?}\n{}",
+            daemon.log_text()
+        );
+        // The new program observes: the peer's refusals arrive at XDP ingress.
+        for a in lab.connect_in_cgroup(addr, 2, Duration::from_secs(5), false) {
+            assert_eq!(a.outcome, "ConnectionRefused", "{a:?}");
+        }
+        refused += 2;
+        let e = daemon.wait_for(&endpoint, SETTLE, |e| e.refused >= refused);
+        assert_eq!(e.refused, refused, "{args:?}: {e:?}\n{}", daemon.log_text());
+    }
+}
