@@ -369,7 +369,12 @@ impl Breaker {
     pub fn restore(policy: BreakerPolicy, saved: SavedState, now_ns: u64, seed: u64) -> Self {
         let mut breaker = Self::new(policy, now_ns, seed);
         breaker.state = saved.state;
-        breaker.entered_ns = saved.entered_ns;
+        // The half-open limit (half_open_max_duration) counts from the new probe period.
+        breaker.entered_ns = if saved.state == State::HalfOpen {
+            now_ns
+        } else {
+            saved.entered_ns
+        };
         breaker.open_until_ns = saved.open_until_ns;
         breaker.backoff = Backoff::with_level(seed, saved.backoff_level);
         breaker.generation = saved.generation.wrapping_add(1);

@@ -737,7 +737,7 @@ fn a_restored_half_open_breaker_starts_a_new_probe_period() {
     let probe = rig.b.admit();
     assert!(probe.probe, "the one probe went out before the restart");
     let saved = rig.b.save().unwrap();
-    let mut b = Breaker::restore(policy(), saved, rig.now, 7);
+    let mut b = Breaker::restore(policy(), saved.clone(), rig.now, 7);
     assert_eq!(b.state(), State::HalfOpen);
     assert!(
         b.generation() > rig.b.generation(),
@@ -748,6 +748,17 @@ fn a_restored_half_open_breaker_starts_a_new_probe_period() {
     assert!(ticket.probe);
     let (_, t) = b.record(rig.now, ticket, OK);
     assert_eq!(t.unwrap().to, State::Closed);
+
+    // With a half-open limit, the time the daemon was down does not count against it.
+    let limited = BreakerPolicy {
+        half_open_max_ns: 2 * SEC,
+        ..policy()
+    };
+    let back = rig.now + 10 * SEC;
+    let mut b = Breaker::restore(limited, saved, back, 7);
+    assert_eq!(b.tick(back + SEC), None, "a new probe period");
+    let t = b.tick(back + 2 * SEC).expect("the limit counts from the restart");
+    assert_eq!(t.to, State::Open);
 }
 
 #[test]
