@@ -10,7 +10,15 @@ fn main() -> anyhow::Result<()> {
         root_dir: root,
         ..Default::default()
     };
-    aya_build::build_ebpf([ebpf], Toolchain::default())
+    // The toolchain that builds the BPF programs: the nightly by default; the image pins a
+    // dated one (deploy/Dockerfile) so its LLVM keeps matching bpf-linker's.
+    println!("cargo:rerun-if-env-changed=RESIL_BPF_TOOLCHAIN");
+    let pinned = std::env::var("RESIL_BPF_TOOLCHAIN").ok();
+    let toolchain = match pinned.as_deref() {
+        Some(name) if !name.is_empty() => Toolchain::Custom(name),
+        _ => Toolchain::Nightly,
+    };
+    aya_build::build_ebpf([ebpf], toolchain)
         .context("building the BPF programs failed; run `cargo xtask setup` first")
         .map_err(|e| anyhow!("{e:#}"))
 }

@@ -341,7 +341,7 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response> {
             socket.display()
         ),
         ErrorKind::PermissionDenied => anyhow!(
-            "permission denied on {}: the resil socket is for root only, try again with sudo",
+            "permission denied on {}: the resil socket is for root and the daemon's --socket-group; try again with sudo or as a member of that group",
             socket.display()
         ),
         ErrorKind::ConnectionRefused => anyhow!(

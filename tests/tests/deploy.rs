@@ -339,6 +339,13 @@ fn dockerfile_lints_and_builds_with_the_linker_setup_pins() {
         dockerfile.contains(&format!("ARG BPF_LINKER_VERSION={pinned}\n")),
         "the Dockerfile must build bpf-linker {pinned}, as cargo xtask setup does"
     );
+    // A dated nightly, handed to resil-user/build.rs: the image keeps building as nightlies move.
+    assert!(
+        dockerfile.contains("ARG NIGHTLY=nightly-20"),
+        "a dated nightly"
+    );
+    assert!(dockerfile.contains("ENV RESIL_BPF_TOOLCHAIN=${NIGHTLY}\n"));
+    assert!(read("resil-user/build.rs").contains("RESIL_BPF_TOOLCHAIN"));
     assert!(dockerfile.contains("ENTRYPOINT [\"/usr/local/bin/resil\"]\n"));
     assert!(dockerfile.contains("CMD [\"daemon\"]\n"));
 
@@ -419,6 +426,8 @@ fn daemonset_asks_only_for_what_the_daemon_needs_and_is_probed() {
     assert_eq!(security["runAsUser"], 0);
     assert_eq!(security["readOnlyRootFilesystem"], true);
     assert_eq!(security["seccompProfile"]["type"], "RuntimeDefault");
+    // The runtimes' default AppArmor profiles deny writes to /sys/fs/bpf.
+    assert_eq!(security["appArmorProfile"]["type"], "Unconfined");
     assert_eq!(pod["hostNetwork"], true);
     assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet");
     assert!(pod["hostPID"].is_null() && pod["hostIPC"].is_null());
@@ -492,8 +501,9 @@ fn custom_values_render_valid_manifests() {
             "interfaces: [eth0, eth1]\n\
              extraArgs: [--bpf-log, warn]\n\
              metricsPort: 9500\n\
-             socketGroup: resil\n\
+             socketGroup: 1000\n\
              seccompProfile: {type: Unconfined}\n\
+             seLinuxOptions: {type: spc_t}\n\
              serviceMonitor: {enabled: true, interval: 15s, labels: {release: prometheus}}\n\
              kubernetesNames: true\n\
              hostCgroupRoot: /sys/fs/cgroup/unified\n",
@@ -533,7 +543,7 @@ fn custom_values_render_valid_manifests() {
     assert_eq!(binding["subjects"][0]["namespace"], "resil");
     assert_eq!(&args[args.len() - 2..], ["--bpf-log", "warn"]);
     assert_eq!(flag(&args, "--metrics"), Some("0.0.0.0:9500"));
-    assert_eq!(flag(&args, "--socket-group"), Some("resil"));
+    assert_eq!(flag(&args, "--socket-group"), Some("1000"));
     assert_eq!(container["ports"][0]["containerPort"], 9500);
     // Not in the group it gives the socket to: it needs CAP_CHOWN for that.
     let added: BTreeSet<String> = strings(&container["securityContext"]["capabilities"]["add"])
@@ -543,6 +553,10 @@ fn custom_values_render_valid_manifests() {
     assert_eq!(
         container["securityContext"]["seccompProfile"]["type"],
         "Unconfined"
+    );
+    assert_eq!(
+        container["securityContext"]["seLinuxOptions"]["type"],
+        "spc_t"
     );
 
     // The ServiceMonitor has no schema among Kubernetes' own: check what makes it scrape.
@@ -609,15 +623,8 @@ fn cleanup_mode_replaces_the_agent_with_a_cleanup_daemonset() {
 #[test]
 fn chart_policy_is_valid_and_starts_in_metrics_only_mode() {
     let scratch = Scratch::new("policy");
-    let out = run(Command::new(tool("python3"))
-        .arg("-c")
-        .arg(
-            "import sys, yaml\n\
-         sys.stdout.write(yaml.safe_load(open(sys.argv[1]))['config'])",
-        )
-        .arg(repo().join("deploy/helm/resil/values.yaml")));
-    assert!(out.status.success(), "{}", text(&out));
-    let policy = String::from_utf8(out.stdout).expect("utf-8");
+    // One policy to start from, for hosts and the chart: the chart's files/resil.toml.
+    let policy = read("deploy/helm/resil/files/resil.toml");
     let file = scratch.write("resil.toml", &policy);
     let check = run(Command::new(resil_bin())
         .args(["config", "check"])
@@ -674,4 +681,51 @@ fn a_policy_change_rolls_the_pods() {
     assert_eq!(checksum(None), default);
     let changed = checksum(Some("config: |\n  [defaults]\n  mode = \"enforce\"\n"));
     assert_ne!(changed, default);
+}
+
+/// `helm template` with `--set` values; the output, or the error helm printed.
+fn render_set(scratch: &Scratch, sets: &[&str]) -> Result<String, String> {
+    let mut cmd = helm(scratch);
+    cmd.args([
+        "template",
+        "resil",
+        "deploy/helm/resil",
+        "--namespace",
+        "resil",
+    ]);
+    cmd.args(["--kube-version", KUBERNETES]);
+    for set in sets {
+        cmd.args(["--set", set]);
+    }
+    let out = run(&mut cmd);
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(text(&out))
+    }
+}
+
+#[test]
+fn values_the_daemon_would_refuse_fail_the_render_with_a_reason() {
+    let scratch = Scratch::new("refuse");
+    // IPv6 listen addresses get their brackets, as --metrics wants them.
+    let docs = documents(
+        &scratch,
+        &render_set(&scratch, &["metricsAddress=::"]).unwrap(),
+    );
+    let args = strings(&agent(&docs, "resil")["args"]);
+    assert_eq!(flag(&args, "--metrics"), Some("[::]:9464"));
+    let out = run(Command::new(resil_bin()).args(["daemon", "--metrics", "[::]:9464", "--help"]));
+    assert!(out.status.success(), "{}", text(&out));
+
+    for (set, says) in [
+        (
+            "metricsAddress=127.0.0.1",
+            "is loopback: the kubelet probes",
+        ),
+        ("socketGroup=resil", "must be a group id (a number)"),
+    ] {
+        let err = render_set(&scratch, &[set]).expect_err(set);
+        assert!(err.contains(says), "{set}: {err}");
+    }
 }

@@ -1,5 +1,5 @@
 //! Restarts without loss: a daemon stopped (SIGTERM, as `systemctl restart` does) or crashed
-//! (SIGKILL) and started again adopts the pinned programs, maps and circuits: an open circuit
+//! (SIGKILL) and started again adopts the pinned links, maps and circuits: an open circuit
 //! stays open, connections stay refused in the kernel throughout, and counters keep counting.
 
 use std::{net::SocketAddr, time::Duration};

@@ -757,7 +757,9 @@ fn a_restored_half_open_breaker_starts_a_new_probe_period() {
     let back = rig.now + 10 * SEC;
     let mut b = Breaker::restore(limited, saved, back, 7);
     assert_eq!(b.tick(back + SEC), None, "a new probe period");
-    let t = b.tick(back + 2 * SEC).expect("the limit counts from the restart");
+    let t = b
+        .tick(back + 2 * SEC)
+        .expect("the limit counts from the restart");
     assert_eq!(t.to, State::Open);
 }
 

@@ -55,4 +55,43 @@ capabilities:
     {{- end }}
 seccompProfile:
   {{- toYaml .root.Values.seccompProfile | nindent 2 }}
+{{- with .root.Values.appArmorProfile }}
+appArmorProfile:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .root.Values.seLinuxOptions }}
+seLinuxOptions:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/*
+The daemon's --metrics address, host:port with IPv6 hosts in brackets. The kubelet probes
+/healthz and /readyz on the node's address, so a loopback address cannot work.
+*/}}
+{{- define "resil.metricsListen" -}}
+{{- $host := toString .Values.metricsAddress | trimPrefix "[" | trimSuffix "]" -}}
+{{- if or (hasPrefix "127." $host) (eq $host "::1") (eq $host "localhost") -}}
+{{- fail (printf "metricsAddress %s is loopback: the kubelet probes /healthz and /readyz on the node's address (use 0.0.0.0, :: or the node's IP)" $host) -}}
+{{- end -}}
+{{- if contains ":" $host -}}
+{{- printf "[%s]:%d" $host (int .Values.metricsPort) -}}
+{{- else -}}
+{{- printf "%s:%d" $host (int .Values.metricsPort) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+--socket-group's value: a group id. The image has no /etc/group to look a name up in.
+*/}}
+{{- define "resil.socketGroup" -}}
+{{- $group := .Values.socketGroup -}}
+{{- if kindIs "float64" $group -}}
+{{- $group = int64 $group -}}
+{{- end -}}
+{{- $group = toString $group -}}
+{{- if not (regexMatch "^[0-9]+$" $group) -}}
+{{- fail (printf "socketGroup %q must be a group id (a number): the image has no /etc/group to look a name up in" $group) -}}
+{{- end -}}
+{{- $group -}}
 {{- end -}}
