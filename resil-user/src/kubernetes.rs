@@ -1,6 +1,6 @@
 //! Names from the Kubernetes API (`--kubernetes-names`): pod IPs name endpoints
-//! `namespace/pod`, service cluster IPs `namespace/service`. A thread per kind lists, then
-//! watches, and sends what changed to the agent; it relists when the watch ends or falls
+//! `namespace/pod`, service cluster IPs `namespace/service`. A thread per kind lists (in pages),
+//! then watches, and sends what changed to the agent; it relists when the watch ends or falls
 //! behind, and backs off while the API server cannot be reached. Off unless asked for.
 
 use std::{
@@ -21,8 +21,12 @@ use tokio::sync::mpsc;
 pub const DEFAULT_CREDENTIALS: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 /// A watch asks the server to end after this long; the thread then watches again.
 const WATCH_SECONDS: u64 = 300;
+/// Wait after the first failure of an outage; it doubles with each further failure.
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// Longest wait between attempts while the API server fails.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// The most objects asked for in one page of a list (the `limit` client-go uses too).
+const LIST_PAGE: usize = 500;
 
 /// The objects names come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -155,12 +159,19 @@ struct PodIp {
     ip: String,
 }
 
+/// The fields of a pod's spec (`hostNetwork`) and a service's (`clusterIP`, `clusterIPs`)
+/// that names need; serde skips the rest.
 #[derive(Debug, Deserialize, Default)]
-struct PodSpec {
+struct Spec {
     #[serde(default, rename = "hostNetwork")]
     host_network: bool,
+    #[serde(default, rename = "clusterIP")]
+    cluster_ip: String,
+    #[serde(default, rename = "clusterIPs")]
+    cluster_ips: Vec<String>,
 }
 
+/// The fields of a pod's status that names need (a service's has none of them).
 #[derive(Debug, Deserialize, Default)]
 struct PodStatus {
     #[serde(default)]
@@ -171,38 +182,54 @@ struct PodStatus {
     pod_ips: Vec<PodIp>,
 }
 
-#[derive(Debug, Deserialize, Default)]
-struct ServiceSpec {
-    #[serde(default, rename = "clusterIP")]
-    cluster_ip: String,
-    #[serde(default, rename = "clusterIPs")]
-    cluster_ips: Vec<String>,
-}
-
 /// The fields of a pod or a service that names need.
 #[derive(Debug, Deserialize, Default)]
 struct Object {
     #[serde(default)]
     metadata: Meta,
     #[serde(default)]
-    spec: serde_json::Value,
+    spec: Spec,
     #[serde(default)]
-    status: serde_json::Value,
+    status: PodStatus,
 }
 
+#[derive(Debug, Deserialize, Default)]
+struct ListMeta {
+    #[serde(default, rename = "resourceVersion")]
+    resource_version: String,
+    /// Set when more pages follow: the next request passes it back.
+    #[serde(default, rename = "continue")]
+    next: String,
+}
+
+/// One page of a list.
 #[derive(Debug, Deserialize)]
 struct List {
     #[serde(default)]
-    metadata: Meta,
+    metadata: ListMeta,
     #[serde(default)]
     items: Vec<Object>,
 }
 
+/// The Status object of a watch's ERROR event.
+#[derive(Debug, Deserialize, Default)]
+struct ApiStatus {
+    #[serde(default)]
+    code: u16,
+    #[serde(default)]
+    message: String,
+}
+
+/// One line of a watch stream.
 #[derive(Debug, Deserialize)]
-struct WatchEvent {
-    #[serde(rename = "type")]
-    kind: String,
-    object: serde_json::Value,
+#[serde(tag = "type", content = "object", rename_all = "UPPERCASE")]
+enum WatchEvent {
+    Added(Object),
+    Modified(Object),
+    Deleted(Object),
+    /// Only `metadata.resourceVersion`: how far the watch has got.
+    Bookmark(Object),
+    Error(ApiStatus),
 }
 
 fn parse_ips<'a>(texts: impl Iterator<Item = &'a str>) -> Vec<IpAddr> {
@@ -218,11 +245,9 @@ fn names_of(kind: Kind, object: &Object) -> (String, Vec<IpAddr>) {
     let name = format!("{}/{}", object.metadata.namespace, object.metadata.name);
     let ips = match kind {
         Kind::Pod => {
-            let spec: PodSpec = serde_json::from_value(object.spec.clone()).unwrap_or_default();
-            let status: PodStatus =
-                serde_json::from_value(object.status.clone()).unwrap_or_default();
+            let status = &object.status;
             // A finished pod's IP goes back to the pool.
-            if spec.host_network || matches!(status.phase.as_str(), "Succeeded" | "Failed") {
+            if object.spec.host_network || matches!(status.phase.as_str(), "Succeeded" | "Failed") {
                 Vec::new()
             } else {
                 parse_ips(
@@ -235,7 +260,7 @@ fn names_of(kind: Kind, object: &Object) -> (String, Vec<IpAddr>) {
             }
         }
         Kind::Service => {
-            let spec: ServiceSpec = serde_json::from_value(object.spec.clone()).unwrap_or_default();
+            let spec = &object.spec;
             parse_ips(
                 spec.cluster_ips
                     .iter()
@@ -254,12 +279,15 @@ struct Known {
 }
 
 impl Known {
-    /// Replaces everything with a list's items.
-    fn reset(&mut self, kind: Kind, items: &[Object]) -> Update {
+    /// Replaces everything with a list's objects, each as [`names_of`] gives it.
+    fn reset(
+        &mut self,
+        kind: Kind,
+        listed: impl IntoIterator<Item = (String, Vec<IpAddr>)>,
+    ) -> Update {
         self.objects.clear();
         let mut set = Vec::new();
-        for item in items {
-            let (name, ips) = names_of(kind, item);
+        for (name, ips) in listed {
             set.extend(ips.iter().map(|ip| (*ip, name.clone())));
             if !ips.is_empty() {
                 self.objects.insert(name, ips);
@@ -273,29 +301,47 @@ impl Known {
         }
     }
 
-    /// Applies one watch event; `None` if it changes no name.
-    fn apply(&mut self, kind: Kind, event: &str, object: &Object) -> Option<Update> {
-        let (name, ips) = names_of(kind, object);
-        let old = match event {
-            "DELETED" => self.objects.remove(&name).unwrap_or_default(),
-            "ADDED" | "MODIFIED" if ips.is_empty() => {
-                self.objects.remove(&name).unwrap_or_default()
-            }
-            "ADDED" | "MODIFIED" => self
-                .objects
-                .insert(name.clone(), ips.clone())
-                .unwrap_or_default(),
-            _ => return None,
+    /// Applies one watch event; `None` if it changes no name. An address the object no longer
+    /// has stays named if another object has it (a pod IP reused before the old pod's
+    /// deletion arrived): it is named after that one again.
+    fn apply(&mut self, kind: Kind, event: &WatchEvent) -> Option<Update> {
+        let (object, deleted) = match event {
+            WatchEvent::Added(object) | WatchEvent::Modified(object) => (object, false),
+            WatchEvent::Deleted(object) => (object, true),
+            WatchEvent::Bookmark(_) | WatchEvent::Error(_) => return None,
         };
-        let now = if event == "DELETED" { Vec::new() } else { ips };
-        let removed: Vec<IpAddr> = old.into_iter().filter(|ip| !now.contains(ip)).collect();
-        let set: Vec<(IpAddr, String)> = now.into_iter().map(|ip| (ip, name.clone())).collect();
+        let (name, ips) = names_of(kind, object);
+        let now = if deleted { Vec::new() } else { ips };
+        let old = if now.is_empty() {
+            self.objects.remove(&name)
+        } else {
+            self.objects.insert(name.clone(), now.clone())
+        }
+        .unwrap_or_default();
+        let mut set: Vec<(IpAddr, String)> = now.iter().map(|ip| (*ip, name.clone())).collect();
+        let mut removed = Vec::new();
+        for ip in old.into_iter().filter(|ip| !now.contains(ip)) {
+            match self.holder(&ip) {
+                Some(other) => set.push((ip, other.clone())),
+                None => removed.push(ip),
+            }
+        }
         (!set.is_empty() || !removed.is_empty()).then_some(Update {
             kind,
             reset: false,
             set,
             removed,
         })
+    }
+
+    /// A known object with `ip` (the first by name, so always the same one). A scan: it runs
+    /// only for addresses an object gave up.
+    fn holder(&self, ip: &IpAddr) -> Option<&String> {
+        self.objects
+            .iter()
+            .filter(|(_, ips)| ips.contains(ip))
+            .map(|(name, _)| name)
+            .min()
     }
 }
 
@@ -328,11 +374,14 @@ struct Watcher {
 }
 
 impl Watcher {
-    fn get(&self, query: &str) -> Result<ureq::Response> {
-        let url = format!("{}{}?{query}", self.access.base, self.kind.path());
+    fn get(&self, query: &[(&str, &str)]) -> Result<ureq::Response> {
+        let url = format!("{}{}", self.access.base, self.kind.path());
         let token = self.access.token()?;
-        self.agent
-            .get(&url)
+        query
+            .iter()
+            .fold(self.agent.get(&url), |request, (key, value)| {
+                request.query(key, value)
+            })
             .set("Authorization", &format!("Bearer {token}"))
             .set("Accept", "application/json")
             .call()
@@ -346,22 +395,47 @@ impl Watcher {
             })
     }
 
-    /// Lists every object; returns the list's resource version.
+    /// Lists every object, a page at a time (no `resourceVersion`: the watch cache would
+    /// answer `resourceVersion=0` all at once, ignoring `limit`); keeps only names and
+    /// addresses between pages. Returns the list's resource version.
     fn list(&mut self) -> Result<String> {
-        let response = self.get("resourceVersion=0")?;
-        let list: List = serde_json::from_reader(response.into_reader()).with_context(|| {
-            format!("the list of {} is not what was expected", self.kind.name())
-        })?;
-        let update = self.known.reset(self.kind, &list.items);
-        self.send(update)?;
-        Ok(list.metadata.resource_version)
+        let limit = LIST_PAGE.to_string();
+        let mut next = String::new();
+        let mut listed = Vec::new();
+        loop {
+            let mut query = vec![("limit", limit.as_str())];
+            if !next.is_empty() {
+                query.push(("continue", next.as_str()));
+            }
+            let response = self.get(&query)?;
+            let page: List = serde_json::from_reader(BufReader::new(response.into_reader()))
+                .with_context(|| {
+                    format!("the list of {} is not what was expected", self.kind.name())
+                })?;
+            listed.extend(
+                page.items
+                    .iter()
+                    .map(|item| names_of(self.kind, item))
+                    .filter(|(_, ips)| !ips.is_empty()),
+            );
+            if page.metadata.next.is_empty() {
+                let update = self.known.reset(self.kind, listed);
+                self.send(update)?;
+                return Ok(page.metadata.resource_version);
+            }
+            next = page.metadata.next;
+        }
     }
 
     /// Follows changes from `version` until the server ends the watch.
     fn watch(&mut self, version: &str) -> Result<WatchEnd> {
-        let query = format!(
-            "watch=1&allowWatchBookmarks=true&timeoutSeconds={WATCH_SECONDS}&resourceVersion={version}"
-        );
+        let timeout = WATCH_SECONDS.to_string();
+        let query = [
+            ("watch", "1"),
+            ("allowWatchBookmarks", "true"),
+            ("timeoutSeconds", timeout.as_str()),
+            ("resourceVersion", version),
+        ];
         let response = match self.get(&query) {
             Err(e) if e.is::<Gone>() => return Ok(WatchEnd::Expired),
             other => other?,
@@ -372,20 +446,30 @@ impl Watcher {
             if line.trim().is_empty() {
                 continue;
             }
-            let event: WatchEvent = serde_json::from_str(&line)
-                .with_context(|| format!("a watch event of {} is not JSON", self.kind.name()))?;
-            if event.kind == "ERROR" {
-                // A Status object; 410 (Gone, Expired) means the version is too old.
-                if event.object.get("code").and_then(|c| c.as_u64()) == Some(410) {
-                    return Ok(WatchEnd::Expired);
-                }
-                bail!("the watch of {} failed: {}", self.kind.name(), event.object);
-            }
-            let object: Object = serde_json::from_value(event.object).unwrap_or_default();
+            let event: WatchEvent = serde_json::from_str(&line).with_context(|| {
+                format!(
+                    "a watch event of {} is not what was expected",
+                    self.kind.name()
+                )
+            })?;
+            let object = match &event {
+                // 410 (Gone, Expired) means the version is too old.
+                WatchEvent::Error(status) if status.code == 410 => return Ok(WatchEnd::Expired),
+                WatchEvent::Error(status) => bail!(
+                    "the watch of {} failed: {} ({})",
+                    self.kind.name(),
+                    status.message,
+                    status.code
+                ),
+                WatchEvent::Added(object)
+                | WatchEvent::Modified(object)
+                | WatchEvent::Deleted(object)
+                | WatchEvent::Bookmark(object) => object,
+            };
             if !object.metadata.resource_version.is_empty() {
-                version = object.metadata.resource_version.clone();
+                version.clone_from(&object.metadata.resource_version);
             }
-            if let Some(update) = self.known.apply(self.kind, &event.kind, &object) {
+            if let Some(update) = self.known.apply(self.kind, &event) {
                 self.send(update)?;
             }
         }
@@ -400,37 +484,67 @@ impl Watcher {
 
     /// Lists, watches, relists, forever; backs off while the server fails.
     fn run(mut self) {
-        let mut backoff = Duration::from_secs(1);
-        let mut failing = false;
+        let mut outage = Outage::default();
         loop {
-            let result = self.list().and_then(|mut version| loop {
-                match self.watch(&version)? {
-                    WatchEnd::Closed(v) => version = v,
-                    WatchEnd::Expired => return Ok(()),
+            let result = self.list().and_then(|mut version| {
+                outage.ended(self.kind);
+                loop {
+                    match self.watch(&version)? {
+                        WatchEnd::Closed(v) => version = v,
+                        WatchEnd::Expired => return Ok(()),
+                    }
                 }
             });
             match result {
-                Ok(()) => {
-                    backoff = Duration::from_secs(1);
-                    continue;
-                }
+                Ok(()) => continue,
                 Err(e) if self.updates.is_closed() => {
                     log::debug!("kubernetes {}: {e:#}", self.kind.name());
                     return;
                 }
-                Err(e) => {
-                    if !failing {
-                        warn!(
-                            "kubernetes names: {} not available: {e:#} (retrying)",
-                            self.kind.name()
-                        );
-                        failing = true;
-                    }
-                }
+                Err(e) => std::thread::sleep(outage.failed(self.kind, &e)),
             }
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+    }
+}
+
+/// Failures in a row of one watcher: one warning when they start, one info line when they
+/// end, and a backoff that grows only while they last.
+#[derive(Debug)]
+struct Outage {
+    failing: bool,
+    backoff: Duration,
+}
+
+impl Default for Outage {
+    fn default() -> Self {
+        Outage {
+            failing: false,
+            backoff: FIRST_BACKOFF,
+        }
+    }
+}
+
+impl Outage {
+    /// The server answered (a list worked): the next failure starts a new outage.
+    fn ended(&mut self, kind: Kind) {
+        if self.failing {
+            info!("kubernetes names: {} available again", kind.name());
+        }
+        *self = Outage::default();
+    }
+
+    /// A failure; returns how long to wait before trying again.
+    fn failed(&mut self, kind: Kind, error: &anyhow::Error) -> Duration {
+        if !self.failing {
+            warn!(
+                "kubernetes names: {} not available: {error:#} (retrying)",
+                kind.name()
+            );
+            self.failing = true;
+        }
+        let wait = self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        wait
     }
 }
 
@@ -539,7 +653,10 @@ mod tests {
         let mut known = Known::default();
         let reset = known.reset(
             Kind::Pod,
-            &[pod("shop", "web-0", "10.1.0.5", "Running", false)],
+            [names_of(
+                Kind::Pod,
+                &pod("shop", "web-0", "10.1.0.5", "Running", false),
+            )],
         );
         assert!(reset.reset);
         assert_eq!(reset.set.len(), 2);
@@ -547,8 +664,7 @@ mod tests {
         let moved = known
             .apply(
                 Kind::Pod,
-                "MODIFIED",
-                &pod("shop", "web-0", "10.1.0.9", "Running", false),
+                &WatchEvent::Modified(pod("shop", "web-0", "10.1.0.9", "Running", false)),
             )
             .unwrap();
         assert_eq!(moved.removed, [ip("10.1.0.5")]);
@@ -559,18 +675,102 @@ mod tests {
         let done = known
             .apply(
                 Kind::Pod,
-                "MODIFIED",
-                &pod("shop", "web-0", "10.1.0.9", "Failed", false),
+                &WatchEvent::Modified(pod("shop", "web-0", "10.1.0.9", "Failed", false)),
             )
             .unwrap();
         assert_eq!(done.removed, [ip("10.1.0.9"), ip("fd00::5")]);
         assert!(done.set.is_empty());
         let gone = known.apply(
             Kind::Pod,
-            "DELETED",
-            &pod("shop", "web-0", "10.1.0.9", "Failed", false),
+            &WatchEvent::Deleted(pod("shop", "web-0", "10.1.0.9", "Failed", false)),
         );
         assert_eq!(gone, None, "nothing left to remove");
-        assert_eq!(known.apply(Kind::Pod, "BOOKMARK", &Object::default()), None);
+        assert_eq!(
+            known.apply(Kind::Pod, &WatchEvent::Bookmark(Object::default())),
+            None
+        );
+    }
+
+    #[test]
+    fn a_late_event_for_a_pod_whose_ip_was_reused_leaves_the_new_pods_name() {
+        let mut names = crate::names::Names::new(Path::new("/nonexistent/hosts"));
+        let mut known = Known::default();
+        let mut feed = |event: WatchEvent| {
+            let update = known.apply(Kind::Pod, &event);
+            if let Some(update) = update.clone() {
+                names.update_cluster(update);
+            }
+            (update, names.lookup(&ip("10.1.0.5"), 0).map(str::to_string))
+        };
+        let old = || pod("shop", "web-0", "10.1.0.5", "Running", false);
+        let new = || pod("shop", "web-1", "10.1.0.5", "Running", false);
+        feed(WatchEvent::Added(old()));
+        let (_, name) = feed(WatchEvent::Added(new()));
+        assert_eq!(name.as_deref(), Some("shop/web-1"));
+        // The old pod's deletion arrives late: the address stays the new pod's.
+        let (update, name) = feed(WatchEvent::Deleted(old()));
+        assert_eq!(name.as_deref(), Some("shop/web-1"), "{update:?}");
+        assert_eq!(update.map(|u| u.removed), Some(Vec::new()));
+        // Likewise when a change, not a deletion, takes the address from the other holder.
+        feed(WatchEvent::Added(old()));
+        let (update, name) = feed(WatchEvent::Modified(pod(
+            "shop", "web-0", "10.1.0.9", "Running", false,
+        )));
+        assert_eq!(name.as_deref(), Some("shop/web-1"), "{update:?}");
+        // Once no pod has it, the address goes.
+        let (update, name) = feed(WatchEvent::Deleted(new()));
+        assert_eq!(name, None, "{update:?}");
+        assert_eq!(update.map(|u| u.removed), Some(vec![ip("10.1.0.5")]));
+    }
+
+    #[test]
+    fn list_pages_and_watch_lines_keep_only_what_names_need() {
+        // A pod as the API server sends it, with far more than names need.
+        let page: List = serde_json::from_value(serde_json::json!({
+            "kind": "PodList",
+            "apiVersion": "v1",
+            "metadata": {"resourceVersion": "812", "continue": "eyJ2IjoibWV0YSJ9", "remainingItemCount": 3},
+            "items": [{
+                "metadata": {"name": "web-0", "namespace": "shop", "uid": "u-1",
+                             "labels": {"app": "web"}, "resourceVersion": "811"},
+                "spec": {"hostNetwork": false, "nodeName": "n1",
+                         "containers": [{"name": "web", "image": "nginx", "ports": [{"containerPort": 80}]}]},
+                "status": {"phase": "Running", "podIP": "10.1.0.5", "podIPs": [{"ip": "10.1.0.5"}],
+                           "conditions": [{"type": "Ready", "status": "True"}]},
+            }],
+        }))
+        .unwrap();
+        assert_eq!(page.metadata.resource_version, "812");
+        assert_eq!(page.metadata.next, "eyJ2IjoibWV0YSJ9");
+        assert_eq!(
+            names_of(Kind::Pod, &page.items[0]),
+            ("shop/web-0".to_string(), vec![ip("10.1.0.5")])
+        );
+        // A service's status has other fields than a pod's.
+        let event: WatchEvent = serde_json::from_str(
+            r#"{"type":"ADDED","object":{"metadata":{"name":"web","namespace":"shop"},"spec":{"clusterIP":"10.96.0.10","ports":[{"port":80}]},"status":{"loadBalancer":{}}}}"#,
+        )
+        .unwrap();
+        let WatchEvent::Added(service) = event else {
+            panic!("{event:?}")
+        };
+        assert_eq!(names_of(Kind::Service, &service).1, [ip("10.96.0.10")]);
+        // An ERROR event's object is a Status, whose own `status` is a string.
+        let event: WatchEvent = serde_json::from_str(
+            r#"{"type":"ERROR","object":{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"too old resource version: 5 (812)","reason":"Expired","code":410}}"#,
+        )
+        .unwrap();
+        let WatchEvent::Error(status) = event else {
+            panic!("{event:?}")
+        };
+        assert_eq!(status.code, 410);
+        let event: WatchEvent = serde_json::from_str(
+            r#"{"type":"BOOKMARK","object":{"kind":"Pod","apiVersion":"v1","metadata":{"resourceVersion":"900","annotations":{"k8s.io/initial-events-end":"true"}}}}"#,
+        )
+        .unwrap();
+        let WatchEvent::Bookmark(mark) = event else {
+            panic!("{event:?}")
+        };
+        assert_eq!(mark.metadata.resource_version, "900");
     }
 }

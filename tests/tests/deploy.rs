@@ -5,6 +5,7 @@
 
 use std::{
     collections::BTreeSet,
+    ffi::OsString,
     fs,
     path::{Path, PathBuf},
     process::{Command, Output},
@@ -103,8 +104,9 @@ fn helm(scratch: &Scratch) -> Command {
     cmd
 }
 
-/// The chart rendered as release resil in namespace resil, with a values file if given.
-fn render(scratch: &Scratch, values: Option<&str>) -> String {
+/// `helm template` of the chart as release resil in namespace resil, with `extra` arguments;
+/// the output, or the error helm printed.
+fn template(scratch: &Scratch, extra: &[OsString]) -> Result<String, String> {
     let mut cmd = helm(scratch);
     cmd.args([
         "template",
@@ -114,17 +116,26 @@ fn render(scratch: &Scratch, values: Option<&str>) -> String {
         "resil",
     ]);
     cmd.args(["--kube-version", KUBERNETES]);
-    if let Some(values) = values {
-        cmd.arg("--values")
-            .arg(scratch.write("values.yaml", values));
-    }
+    cmd.args(extra);
     let out = run(&mut cmd);
-    assert!(
-        out.status.success(),
-        "helm template failed:\n{}",
-        text(&out)
-    );
-    String::from_utf8(out.stdout).expect("utf-8")
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(text(&out))
+    }
+}
+
+/// The chart rendered, with a values file if given; helm must succeed.
+fn render(scratch: &Scratch, values: Option<&str>) -> String {
+    let extra: Vec<OsString> = values
+        .map(|values| {
+            vec![
+                "--values".into(),
+                scratch.write("values.yaml", values).into(),
+            ]
+        })
+        .unwrap_or_default();
+    template(scratch, &extra).unwrap_or_else(|e| panic!("helm template failed:\n{e}"))
 }
 
 /// The YAML documents of `yaml`, as JSON values (PyYAML from the venv does the parsing).
@@ -685,24 +696,11 @@ fn a_policy_change_rolls_the_pods() {
 
 /// `helm template` with `--set` values; the output, or the error helm printed.
 fn render_set(scratch: &Scratch, sets: &[&str]) -> Result<String, String> {
-    let mut cmd = helm(scratch);
-    cmd.args([
-        "template",
-        "resil",
-        "deploy/helm/resil",
-        "--namespace",
-        "resil",
-    ]);
-    cmd.args(["--kube-version", KUBERNETES]);
-    for set in sets {
-        cmd.args(["--set", set]);
-    }
-    let out = run(&mut cmd);
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(text(&out))
-    }
+    let extra: Vec<OsString> = sets
+        .iter()
+        .flat_map(|set| ["--set".into(), set.into()])
+        .collect();
+    template(scratch, &extra)
 }
 
 #[test]

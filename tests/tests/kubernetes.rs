@@ -167,10 +167,16 @@ fn endpoints_are_named_after_pods_and_services_and_follow_the_watch() {
     let api = FakeApi::start(
         &lab,
         json!({
+            // Three pages: the stand-in's hold two pods each, and web-0 is on the last.
+            "page_size": 2,
             "pods": [
-                pod("shop", "web-0", &server_ip, false),
+                pod("batch", "job-0", "10.244.0.10", false),
+                pod("batch", "job-1", "10.244.0.11", false),
+                pod("batch", "job-2", "10.244.0.12", false),
                 // A host-network pod has the node's address: it names nothing.
                 pod("kube-system", "node-agent", "10.200.0.5", true),
+                pod("batch", "job-3", "10.244.0.13", false),
+                pod("shop", "web-0", &server_ip, false),
             ],
             "services": [{
                 "metadata": {"name": "web", "namespace": "shop"},
@@ -204,12 +210,21 @@ fn endpoints_are_named_after_pods_and_services_and_follow_the_watch() {
     wait_name(&daemon, "10.200.0.4:8080", "shop/db-0");
     let host = daemon.wait_for("10.200.0.5:8080", Duration::from_secs(5), |_| true);
     assert_eq!(host.name, None, "{host:?}");
-    // Listed once, then watched from the list's version, with the token.
+    // Listed in pages, each asking for 500 and following the continue token, then watched
+    // from the list's version, with the token.
     let requests = api.requests();
-    assert!(
-        requests.contains("GET /api/v1/pods?resourceVersion=0"),
-        "{requests}"
-    );
+    let pages: Vec<&str> = requests
+        .lines()
+        .filter(|r| r.starts_with("GET /api/v1/pods?") && !r.contains("watch=1"))
+        .collect();
+    assert_eq!(pages.len(), 3, "{requests}");
+    assert_eq!(pages[0], "GET /api/v1/pods?limit=500", "{requests}");
+    for page in &pages[1..] {
+        assert!(
+            page.starts_with("GET /api/v1/pods?limit=500&continue="),
+            "{requests}"
+        );
+    }
     assert!(
         requests.contains("watch=1") && requests.contains("resourceVersion=100"),
         "{requests}"
@@ -265,6 +280,111 @@ fn a_refused_token_is_one_warning_and_nothing_else_changes() {
     assert_eq!(log.matches("refused to list pods").count(), 1, "{log}");
     assert!(api.requests().contains("GET /api/v1/pods"));
     daemon.status();
+}
+
+/// A daemon naming endpoints from the stand-in API server, without metrics.
+fn naming_daemon(lab: &Lab, creds: &Path) -> Daemon {
+    let creds_arg = creds.to_string_lossy().into_owned();
+    lab.daemon_with_args(
+        "",
+        &[
+            "--kubernetes-names",
+            "--kubernetes-api",
+            API,
+            "--kubernetes-credentials",
+            &creds_arg,
+            "--metrics",
+            "off",
+        ],
+    )
+    .unwrap()
+}
+
+/// The pod list requests (pages) and watches the stand-in has seen, in order.
+fn pod_requests(api: &FakeApi) -> Vec<String> {
+    api.requests()
+        .lines()
+        .filter(|r| r.starts_with("GET /api/v1/pods?"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The stand-in with one pod and no services, failing the pod requests (lists and
+/// watches, counted from 0) numbered in `fails`.
+fn one_pod_failing(lab: &Lab, fails: &[u32]) -> FakeApi {
+    FakeApi::start(
+        lab,
+        json!({
+            "pods": [pod("shop", "web-0", "10.244.0.10", false)],
+            "services": [],
+            "fail": {"pods": fails},
+        }),
+    )
+}
+
+#[test]
+fn each_outage_is_one_warning_and_its_end_one_info_line() {
+    let lab = Lab::new("ko").unwrap();
+    let creds = credentials(&lab.dir);
+    // Outage one: two lists fail, the third works. Outage two: the watch after it fails;
+    // the list after that works, and so does its watch (request 5).
+    let api = one_pod_failing(&lab, &[0, 1, 3]);
+    let daemon = naming_daemon(&lab, &creds);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pod_requests(&api).len() < 6 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = daemon.log_text();
+    assert_eq!(
+        pod_requests(&api).len(),
+        6,
+        "{:?}\n{log}",
+        pod_requests(&api)
+    );
+    assert_eq!(
+        log.matches("kubernetes names: pods not available").count(),
+        2,
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("kubernetes names: pods available again")
+            .count(),
+        2,
+        "{log}"
+    );
+    assert!(!log.contains("services not available"), "{log}");
+    assert!(!log.contains("services available again"), "{log}");
+}
+
+#[test]
+fn a_good_list_resets_the_backoff_after_a_failed_watch() {
+    let lab = Lab::new("kp").unwrap();
+    let creds = credentials(&lab.dir);
+    // Every list works and the four watches after the first four lists fail: each is a
+    // failure after a success, so each waits the first backoff step (1 s), not 1, 2, 4, 8 s.
+    let api = one_pod_failing(&lab, &[1, 3, 5, 7]);
+    let _daemon = naming_daemon(&lab, &creds);
+    let lists = |api: &FakeApi| {
+        pod_requests(api)
+            .iter()
+            .filter(|r| !r.contains("watch=1"))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut first = None;
+    while lists(&api) < 5 && Instant::now() < deadline {
+        if first.is_none() && lists(&api) > 0 {
+            first = Some(Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let took = first.expect("the pods were listed").elapsed();
+    assert_eq!(lists(&api), 5, "{:?}", pod_requests(&api));
+    // Four waits of about a second each; the growing backoff would take 15 s.
+    assert!(
+        took > Duration::from_millis(3500) && took < Duration::from_secs(12),
+        "{took:?}"
+    );
 }
 
 #[test]
