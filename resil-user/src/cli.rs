@@ -16,7 +16,7 @@ use crate::{
     kubernetes, metrics,
     output::{self, Format},
     pins,
-    probes::XdpMode,
+    probes::{TcMode, XdpMode},
 };
 
 /// resil: kernel-level network resilience. Sees every TCP connection this node makes or
@@ -147,6 +147,10 @@ pub struct DaemonArgs {
     /// How to attach the XDP ingress observer: native where the driver can, else generic.
     #[arg(long, value_enum, default_value_t = XdpMode::Auto)]
     pub xdp_mode: XdpMode,
+    /// How to attach the TC egress observer: a TCX link where the kernel has it (6.6+), else
+    /// a filter on the clsact qdisc.
+    #[arg(long, value_enum, default_value_t = TcMode::Auto)]
+    pub tc_mode: TcMode,
     /// Where to serve Prometheus metrics (/metrics), liveness (/healthz) and readiness (/readyz),
     /// or `off`.
     #[arg(long, value_name = "ADDR", default_value = metrics::DEFAULT_ADDR, value_parser = parse_metrics_addr)]
@@ -212,6 +216,7 @@ pub fn run() -> Result<()> {
             cgroup: args.cgroup,
             bpf_log: args.bpf_log,
             xdp_mode: args.xdp_mode,
+            tc_mode: args.tc_mode,
             metrics: args.metrics.0,
         }),
         Command::Trip(args) => manual(args, ManualAction::Trip),

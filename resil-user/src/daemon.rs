@@ -53,7 +53,7 @@ use crate::{
     output::display_name,
     pins::PinDir,
     privileges,
-    probes::{Probes, XdpMode},
+    probes::{Probes, TcMode, XdpMode},
     resolvers::{self, DnsCounts, Resolvers},
     services::{self, ShedChange, ShedVerdict, Shedder},
     snapshot::BreakerStore,
@@ -87,6 +87,8 @@ pub struct DaemonOptions {
     pub bpf_log: LevelFilter,
     /// How to attach the XDP ingress observer.
     pub xdp_mode: XdpMode,
+    /// How to attach the TC egress observer.
+    pub tc_mode: TcMode,
     /// Where to serve Prometheus metrics; `None`: nowhere.
     pub metrics: Option<SocketAddr>,
     /// The bpffs directory where maps and links are pinned.
@@ -854,7 +856,7 @@ async fn agent(
     let pins = PinDir::open(&options.pin_dir)?;
     let mut probes = Probes::load(options.bpf_log, pins)?;
     for iface in &interfaces {
-        probes.attach(iface, options.xdp_mode)?;
+        probes.attach(iface, options.xdp_mode, options.tc_mode)?;
     }
     probes.attach_cgroup(&cgroup)?;
     probes.finish_adoption()?;
@@ -885,9 +887,9 @@ async fn agent(
         agent.enforce(monotonic_ns());
     }
     let modes: Vec<String> = probes
-        .xdp_modes()
+        .attachments()
         .iter()
-        .map(|(iface, mode)| format!("{iface} (XDP {mode})"))
+        .map(|a| format!("{} (XDP {}, TC {})", a.iface, a.xdp, a.tc))
         .collect();
     info!(
         "resil daemon observing {}, enforcing for cgroup {} (socket {}, metrics {}, configuration from {})",

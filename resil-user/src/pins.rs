@@ -2,18 +2,25 @@
 //! `/sys/fs/bpf/resil`), so a restarted daemon (upgrade, crash, `systemctl restart`) adopts
 //! them and nothing is lost; `resil daemon --cleanup` removes them all.
 //!
-//! Layout: `maps/v<LAYOUT_VERSION>/<MAP>` and `links/<attachment>`. A daemon holds an
-//! exclusive lock on the directory for as long as it runs.
+//! Layout: `maps/v<LAYOUT_VERSION>/<MAP>` and `links/<attachment>`: a pinned BPF link, or
+//! for a classic TC filter (which cannot be pinned) an empty directory whose name records it
+//! ([`TcFilterRecord`]). A daemon holds an exclusive lock on the directory for as long as it
+//! runs.
 
 use std::{
     fs::{self, File},
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::{
     maps::MapInfo,
-    programs::links::{FdLink, PinnedLink},
+    programs::{
+        links::{FdLink, Link as _, PinnedLink},
+        tc::{SchedClassifierLink, TcHandle},
+        ProgramError, TcAttachType,
+    },
 };
 use log::warn;
 use nix::fcntl::{Flock, FlockArg};
@@ -116,6 +123,37 @@ impl PinDir {
         self.links_dir().join(attachment)
     }
 
+    /// The names of the TC filter records for `iface` (with index `ifindex`) in this network
+    /// namespace: the filters a previous run attached there.
+    pub fn tc_filter_records(&self, iface: &str, ifindex: u32) -> Result<Vec<String>> {
+        let here = network_namespace()?;
+        Ok(read_dir(&self.links_dir())?
+            .iter()
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .filter(|name| {
+                TcFilterRecord::parse(name)
+                    .is_some_and(|r| r.iface == iface && r.ifindex == ifindex && r.netns == here)
+            })
+            .collect())
+    }
+
+    /// Records a TC filter just attached; returns the record's name in `links/`.
+    pub fn record_tc_filter(&self, record: &TcFilterRecord) -> Result<String> {
+        let name = record.file_name();
+        let path = self.link_path(&name);
+        match fs::create_dir(&path) {
+            // Left by a filter that is gone: the new one has its place.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(name),
+            Err(e) => Err(e).with_context(|| format!("cannot create {}", path.display())),
+            Ok(()) => Ok(name),
+        }
+    }
+
+    /// Ends the attachment `name` in `links/` (see [`release`]).
+    pub fn release(&self, name: &str) -> Result<()> {
+        release(&self.link_path(name))
+    }
+
     /// Whether any map is pinned already (a previous daemon ran).
     pub fn has_maps(&self) -> bool {
         PINNED_MAPS.iter().any(|name| self.map_path(name).exists())
@@ -157,7 +195,7 @@ impl PinDir {
         for entry in read_dir(&self.links_dir())? {
             let name = entry.file_name().to_string_lossy().into_owned();
             if !keep.contains(&name) {
-                unpin_link(&entry.path())?;
+                release(&entry.path())?;
                 removed.push(name);
             }
         }
@@ -177,6 +215,21 @@ fn read_dir(dir: &Path) -> Result<Vec<fs::DirEntry>> {
         Ok(entries) => Ok(entries.filter_map(|e| e.ok()).collect()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(e) => Err(e).with_context(|| format!("cannot list {}", dir.display())),
+    }
+}
+
+/// Ends an attachment recorded in `links/`: detaches a recorded TC filter and removes its
+/// record, or unpins a link.
+fn release(path: &Path) -> Result<()> {
+    let record = path
+        .file_name()
+        .and_then(|name| TcFilterRecord::parse(&name.to_string_lossy()));
+    match record {
+        Some(record) if path.is_dir() => {
+            record.detach()?;
+            fs::remove_dir(path).with_context(|| format!("cannot remove {}", path.display()))
+        }
+        _ => unpin_link(path),
     }
 }
 
@@ -224,6 +277,120 @@ pub fn take_pinned_link(path: &Path) -> Option<FdLink> {
     }
 }
 
+/// The network namespace this process is in (the inode of `/proc/self/ns/net`).
+fn network_namespace() -> Result<u64> {
+    let path = "/proc/self/ns/net";
+    Ok(fs::metadata(path)
+        .with_context(|| format!("cannot read {path} (is /proc mounted?)"))?
+        .ino())
+}
+
+/// A classic TC egress filter resil attached (kernels without TCX, or `--tc-mode clsact`).
+/// Such a filter cannot be pinned but stays attached after the daemon exits; its record, an
+/// empty directory in `links/` named by [`TcFilterRecord::file_name`], lets the next run
+/// replace it and `--cleanup` detach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcFilterRecord {
+    /// Interface name and index: both must match for the filter to be the one recorded.
+    pub iface: String,
+    pub ifindex: u32,
+    /// The network namespace the interface is in (the inode of its `ns/net`).
+    pub netns: u64,
+    /// Where the filter sits in the egress chain: its priority and handle.
+    pub priority: u16,
+    pub handle: u32,
+}
+
+/// How a record's name begins.
+const TC_FILTER_PREFIX: &str = "tc-filter@";
+
+impl TcFilterRecord {
+    /// The record of a filter just attached to `iface` in this network namespace.
+    pub fn new(iface: &str, ifindex: u32, link: &SchedClassifierLink) -> Result<Self> {
+        Ok(TcFilterRecord {
+            iface: iface.to_string(),
+            ifindex,
+            netns: network_namespace()?,
+            priority: link
+                .priority()
+                .context("a TC filter link without a priority")?,
+            handle: link
+                .handle()
+                .context("a TC filter link without a handle")?
+                .into(),
+        })
+    }
+
+    /// `tc-filter@<iface>#<ifindex>,netns=<inode>,prio=<priority>,handle=<handle>`.
+    pub fn file_name(&self) -> String {
+        format!(
+            "{TC_FILTER_PREFIX}{}#{},netns={},prio={},handle={:#x}",
+            self.iface, self.ifindex, self.netns, self.priority, self.handle
+        )
+    }
+
+    /// The record a file name holds, if it is one (interface names may hold `,` and `#`:
+    /// the fields are read from the right).
+    pub fn parse(name: &str) -> Option<Self> {
+        let rest = name.strip_prefix(TC_FILTER_PREFIX)?;
+        let mut fields = rest.rsplitn(4, ',');
+        let handle = fields.next()?.strip_prefix("handle=0x")?;
+        let priority = fields.next()?.strip_prefix("prio=")?;
+        let netns = fields.next()?.strip_prefix("netns=")?;
+        let (iface, ifindex) = fields.next()?.rsplit_once('#')?;
+        Some(TcFilterRecord {
+            iface: iface.to_string(),
+            ifindex: ifindex.parse().ok()?,
+            netns: netns.parse().ok()?,
+            priority: priority.parse().ok()?,
+            handle: u32::from_str_radix(handle, 16).ok()?,
+        })
+    }
+
+    /// Detaches the recorded filter; one already gone (with its interface, or by hand) is
+    /// fine. A filter in another network namespace cannot be reached: it stays, with a
+    /// warning, until its interface goes.
+    pub fn detach(&self) -> Result<()> {
+        if self.netns != network_namespace()? {
+            warn!(
+                "the TC filter resil attached to {} is in another network namespace: it stays until that interface goes (or run --cleanup in that namespace)",
+                self.iface
+            );
+            return Ok(());
+        }
+        if crate::netinfo::ifindex(&self.iface) != Some(self.ifindex) {
+            // The interface went, and its filters with it (another may have taken its name).
+            return Ok(());
+        }
+        let link = SchedClassifierLink::attached(
+            &self.iface,
+            TcAttachType::Egress,
+            self.priority,
+            TcHandle::from(self.handle),
+            None,
+        )
+        .with_context(|| format!("cannot find interface {}", self.iface))?;
+        match link.detach() {
+            // ENOENT: no such filter; EINVAL: no clsact qdisc ("Parent Qdisc doesn't exist"),
+            // so no filter either.
+            Err(ProgramError::NetlinkError(e))
+                if matches!(
+                    e.raw_os_error(),
+                    Some(nix::libc::ENOENT | nix::libc::EINVAL)
+                ) =>
+            {
+                Ok(())
+            }
+            other => other.with_context(|| {
+                format!(
+                    "cannot detach the TC filter resil attached to {}",
+                    self.iface
+                )
+            }),
+        }
+    }
+}
+
 /// What `resil daemon --cleanup` removed.
 #[derive(Debug, Default)]
 pub struct Removed {
@@ -248,7 +415,7 @@ pub fn cleanup(root: &Path) -> Result<Removed> {
     }
     let _lock = lock(root)?;
     for entry in read_dir(&root.join("links"))? {
-        unpin_link(&entry.path())?;
+        release(&entry.path())?;
         removed
             .links
             .push(entry.file_name().to_string_lossy().into_owned());
@@ -265,4 +432,53 @@ pub fn cleanup(root: &Path) -> Result<Removed> {
     fs::remove_dir(root)
         .with_context(|| format!("cannot remove {} (something else is in it)", root.display()))?;
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn a_tc_filter_record_reads_back_from_its_name() {
+        let record = TcFilterRecord {
+            iface: "eth0".into(),
+            ifindex: 2,
+            netns: 4026531840,
+            priority: 49152,
+            handle: 1,
+        };
+        let name = record.file_name();
+        assert_eq!(
+            name,
+            "tc-filter@eth0#2,netns=4026531840,prio=49152,handle=0x1"
+        );
+        assert_eq!(TcFilterRecord::parse(&name), Some(record));
+        for other in [
+            "tc-egress@eth0#2",
+            "xdp-generic@eth0#2",
+            "connect4",
+            "tc-filter@eth0#2,netns=1,prio=70000,handle=0x1",
+            "tc-filter@eth0,netns=1,prio=1,handle=0x1",
+            "tc-filter@eth0#2,netns=1,prio=1,handle=1",
+        ] {
+            assert_eq!(TcFilterRecord::parse(other), None, "{other}");
+        }
+    }
+
+    proptest! {
+        /// Interface names may hold `#` and `,` (the kernel forbids only `/`, `:` and
+        /// whitespace): the record still reads back.
+        #[test]
+        fn any_record_reads_back(
+            iface in "[a-z0-9#,._-]{1,15}",
+            ifindex: u32,
+            netns: u64,
+            priority: u16,
+            handle: u32,
+        ) {
+            let record = TcFilterRecord { iface, ifindex, netns, priority, handle };
+            prop_assert_eq!(TcFilterRecord::parse(&record.file_name()), Some(record));
+        }
+    }
 }

@@ -10,7 +10,7 @@ use aya::{
     maps::Map,
     programs::{
         links::FdLink,
-        tc::{self, SchedClassifierLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions},
         xdp::{XdpLink, XdpMode as XdpFlags},
         CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp,
     },
@@ -19,7 +19,10 @@ use aya::{
 };
 use log::{info, warn, LevelFilter};
 
-use crate::pins::{self, PinDir, PINNED_MAPS};
+use crate::{
+    error::usage,
+    pins::{self, PinDir, TcFilterRecord, PINNED_MAPS},
+};
 
 /// The compiled BPF object, embedded in the binary.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/resil"));
@@ -46,15 +49,38 @@ pub enum XdpMode {
     Generic,
 }
 
+/// How to attach the TC egress observer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum TcMode {
+    /// TCX where the kernel has it (Linux 6.6 and later), clsact otherwise.
+    #[default]
+    Auto,
+    /// A TCX link, pinned: fail on kernels without TCX.
+    Tcx,
+    /// A classic filter on the interface's `clsact` qdisc (added if missing), recorded in the
+    /// pin directory; what kernels before 6.6 have.
+    Clsact,
+}
+
+/// How the observers are attached to one interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachment {
+    /// The interface.
+    pub iface: String,
+    /// The XDP ingress observer's mode: "native" or "generic".
+    pub xdp: &'static str,
+    /// The TC egress observer's kind: "tcx" or "clsact".
+    pub tc: &'static str,
+}
+
 /// The loaded programs and everything they are attached to.
 pub struct Probes {
     ebpf: Ebpf,
     pins: PinDir,
-    /// Interfaces where resil added the `clsact` qdisc (kernels without TCX), to remove it.
-    added_qdiscs: Vec<String>,
-    /// Interfaces with the XDP observer, and in which mode.
-    xdp_modes: Vec<(String, &'static str)>,
-    /// Links pinned or adopted by this run (file names in the pin directory's `links`).
+    /// The interfaces observed, and how.
+    attachments: Vec<Attachment>,
+    /// Links pinned or adopted, and TC filters recorded, by this run (file names in the pin
+    /// directory's `links`).
     links: Vec<String>,
     /// Links taken over from a previous run.
     adopted: usize,
@@ -108,8 +134,7 @@ impl Probes {
         let mut probes = Probes {
             ebpf,
             pins,
-            added_qdiscs: Vec::new(),
-            xdp_modes: Vec::new(),
+            attachments: Vec::new(),
             links: Vec::new(),
             adopted: 0,
         };
@@ -144,23 +169,29 @@ impl Probes {
             .with_context(|| format!("the BPF program {name} is not of the expected type"))
     }
 
-    /// How the XDP observer is attached on each interface: (interface, "native" or "generic").
-    pub fn xdp_modes(&self) -> &[(String, &'static str)] {
-        &self.xdp_modes
+    /// The interfaces observed, and how.
+    pub fn attachments(&self) -> &[Attachment] {
+        &self.attachments
     }
 
     /// Attaches the observers to `iface`: XDP on ingress (native where the driver has it,
-    /// generic otherwise; `mode` can insist on one), TC on egress (TCX on kernels ≥ 6.6, else
-    /// the `clsact` qdisc, which is removed again on drop if resil added it).
-    pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<()> {
-        self.attach_xdp(iface, mode)?;
-        self.attach_tc(iface)
-    }
-
-    fn attach_xdp(&mut self, iface: &str, mode: XdpMode) -> Result<()> {
-        let veth = crate::netinfo::driver(iface).is_some_and(|d| d == "veth");
+    /// generic otherwise), TC on egress (TCX on kernels ≥ 6.6, else a filter on the `clsact`
+    /// qdisc); the modes can insist on one.
+    pub fn attach(&mut self, iface: &str, xdp: XdpMode, tc: TcMode) -> Result<()> {
         let ifindex = crate::netinfo::ifindex(iface)
             .with_context(|| format!("cannot find the index of interface {iface}"))?;
+        let xdp = self.attach_xdp(iface, ifindex, xdp)?;
+        let tc = self.attach_tc(iface, ifindex, tc)?;
+        self.attachments.push(Attachment {
+            iface: iface.to_string(),
+            xdp,
+            tc,
+        });
+        Ok(())
+    }
+
+    fn attach_xdp(&mut self, iface: &str, ifindex: u32, mode: XdpMode) -> Result<&'static str> {
+        let veth = crate::netinfo::driver(iface).is_some_and(|d| d == "veth");
         // A link pinned by a previous run, in a mode this one accepts: swap the program in.
         let accepted: &[&str] = match mode {
             XdpMode::Native => &["native"],
@@ -182,8 +213,7 @@ impl Probes {
                 Ok(_) => {
                     self.adopted += 1;
                     self.links.push(pin);
-                    self.xdp_modes.push((iface.to_string(), used));
-                    return Ok(());
+                    return Ok(used);
                 }
                 Err(e) => {
                     warn!("cannot reuse the pinned XDP link on {iface} ({e:#}): attaching anew")
@@ -226,8 +256,7 @@ impl Probes {
             .context("the kernel attached XDP without a BPF link (needs Linux 5.9 or later)")?;
         let pin = format!("xdp-{used}@{iface}#{ifindex}");
         self.pin(link, &pin)?;
-        self.xdp_modes.push((iface.to_string(), used));
-        Ok(())
+        Ok(used)
     }
 
     /// Pins a new link, so it outlives this process.
@@ -239,27 +268,76 @@ impl Probes {
         Ok(())
     }
 
-    fn attach_tc(&mut self, iface: &str) -> Result<()> {
-        if !has_tcx() {
-            // Classic TC filters cannot be pinned: attached for this run only.
-            match tc::qdisc_add_clsact(iface) {
-                Ok(()) => self.added_qdiscs.push(iface.to_string()),
-                // Already there (someone else's): leave it as found.
-                Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("cannot add the clsact qdisc to {iface}"))
-                }
+    /// Attaches the egress observer. Switching kinds (an upgrade of the kernel, another
+    /// `--tc-mode`) attaches the new one before the previous run's goes, as a replacement of
+    /// the same kind does: for an instant both observe, and no packet goes unobserved.
+    fn attach_tc(&mut self, iface: &str, ifindex: u32, mode: TcMode) -> Result<&'static str> {
+        let tcx = match mode {
+            TcMode::Auto => has_tcx(),
+            TcMode::Tcx if !has_tcx() => {
+                return Err(usage(
+                    "--tc-mode tcx needs Linux 6.6 or later; use --tc-mode clsact (or auto)",
+                ))
             }
-            self.program::<SchedClassifier>(TC_EGRESS)?
-                .attach(iface, TcAttachType::Egress)
-                .with_context(|| format!("cannot attach {TC_EGRESS} to interface {iface}"))?;
-            return Ok(());
+            TcMode::Tcx => true,
+            TcMode::Clsact => false,
+        };
+        let link_pin = format!("tc-egress@{iface}#{ifindex}");
+        let filters = self.pins.tc_filter_records(iface, ifindex)?;
+        if tcx {
+            self.attach_tcx(iface, &link_pin)?;
+            for name in filters {
+                self.pins.release(&name)?;
+            }
+            return Ok("tcx");
         }
-        let ifindex = crate::netinfo::ifindex(iface)
-            .with_context(|| format!("cannot find the index of interface {iface}"))?;
-        let pin = format!("tc-egress@{iface}#{ifindex}");
-        let path = self.pins.link_path(&pin);
+        let previous = pins::take_pinned_link(&self.pins.link_path(&link_pin));
+        let attached = self.attach_clsact(iface, ifindex)?;
+        if previous.is_some() || !filters.is_empty() {
+            self.adopted += 1;
+        }
+        // A record naming the new filter is of one that is gone (the kernel gave its place to
+        // this one: someone removed the qdisc, say); it now records the new one.
+        for name in filters.iter().filter(|name| **name != attached) {
+            self.pins.release(name)?;
+        }
+        drop(previous);
+        Ok("clsact")
+    }
+
+    /// A classic filter on the `clsact` qdisc (added if missing, and left in place: empty, it
+    /// does nothing). It stays attached after this process exits, as a pinned link would;
+    /// its record in the pin directory says where it is.
+    /// Returns the record's name.
+    fn attach_clsact(&mut self, iface: &str, ifindex: u32) -> Result<String> {
+        match tc::qdisc_add_clsact(iface) {
+            Ok(()) => {}
+            // Already there (from a previous run, or someone else's): shared, as tc shares it.
+            Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(nix::libc::EEXIST) => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot add the clsact qdisc to {iface}"))
+            }
+        }
+        let program = self.program::<SchedClassifier>(TC_EGRESS)?;
+        let id = program
+            .attach_with_options(
+                iface,
+                TcAttachType::Egress,
+                TcAttachOptions::Netlink(NlOptions::default()),
+            )
+            .with_context(|| format!("cannot attach {TC_EGRESS} to the clsact qdisc of {iface}"))?;
+        let link = program.take_link(id)?;
+        let record = TcFilterRecord::new(iface, ifindex, &link)?;
+        // Dropping the link would detach the filter: it is to outlive this process.
+        std::mem::forget(link);
+        let name = self.pins.record_tc_filter(&record)?;
+        self.links.push(name.clone());
+        Ok(name)
+    }
+
+    /// A TCX link, pinned; a previous run's is given the new program atomically.
+    fn attach_tcx(&mut self, iface: &str, pin: &str) -> Result<()> {
+        let path = self.pins.link_path(pin);
         let program = self.program::<SchedClassifier>(TC_EGRESS)?;
         if let Ok(pinned) = aya::programs::links::PinnedLink::from_pin(&path) {
             let replaced = SchedClassifierLink::try_from(FdLink::from(pinned))
@@ -268,7 +346,7 @@ impl Probes {
             match replaced {
                 Ok(_) => {
                     self.adopted += 1;
-                    self.links.push(pin);
+                    self.links.push(pin.to_string());
                     return Ok(());
                 }
                 Err(e) => {
@@ -285,7 +363,7 @@ impl Probes {
             .with_context(|| format!("cannot attach {TC_EGRESS} to interface {iface}"))?;
         let link = FdLink::try_from(program.take_link(id)?)
             .context("the TC program was attached without a BPF link")?;
-        self.pin(link, &pin)?;
+        self.pin(link, pin)?;
         drop(previous);
         Ok(())
     }
@@ -348,20 +426,5 @@ impl Probes {
     /// Starts forwarding kernel log records (aya-log) to the `log` crate.
     pub fn take_logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>> {
         aya_log::EbpfLogger::init(&mut self.ebpf).context("cannot read the BPF log ring buffer")
-    }
-}
-
-impl Drop for Probes {
-    fn drop(&mut self) {
-        // Pinned links stay attached when `ebpf` drops; classic TC filters (kernels without
-        // TCX) go with it, and their qdiscs need removing.
-        for iface in &self.added_qdiscs {
-            let status = std::process::Command::new("tc")
-                .args(["qdisc", "del", "dev", iface, "clsact"])
-                .status();
-            if !matches!(status, Ok(s) if s.success()) {
-                log::warn!("could not remove the clsact qdisc resil added to {iface}");
-            }
-        }
     }
 }

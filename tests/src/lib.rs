@@ -961,9 +961,16 @@ impl Daemon {
         terminate(&mut child)
     }
 
-    /// `resil daemon --cleanup` on the daemon's pin directory.
+    /// `resil daemon --cleanup` on the daemon's pin directory, in its network namespace (as
+    /// on a node, where both run in the host's: a classic TC filter is reachable only there).
     pub fn cleanup(&self) -> Result<std::process::Output> {
-        cleanup_pins(&self.pin_dir)
+        Command::new(&self.command[0])
+            .arg(&self.command[1])
+            .arg(resil_bin())
+            .args(["daemon", "--cleanup", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .output()
+            .context("cannot run resil daemon --cleanup")
     }
 }
 
@@ -997,7 +1004,10 @@ fn terminate(child: &mut Child) -> Result<std::process::ExitStatus> {
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.stop();
-        let _ = self.cleanup();
+        if !self.cleanup().is_ok_and(|out| out.status.success()) {
+            // The namespace may be gone: what was attached there went with it.
+            let _ = cleanup_pins(&self.pin_dir);
+        }
         cleanup::forget_pin_dir(&self.pin_dir);
     }
 }

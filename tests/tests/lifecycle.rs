@@ -100,6 +100,92 @@ fn a_stop_keeps_everything_pinned_and_cleanup_removes_it_all() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("nothing pinned"));
 }
 
+/// How many classic TC filters of resil's are on the lab's client interface, on egress.
+fn clsact_filters(lab: &Lab) -> usize {
+    let args = [
+        "-n",
+        &lab.client_ns,
+        "filter",
+        "show",
+        "dev",
+        &lab.client_if,
+        "egress",
+    ];
+    sh("tc", &args)
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.contains("resil_tc_egress"))
+        .count()
+}
+
+/// The records of classic TC filters in the daemon's pin directory.
+fn filter_records(daemon: &Daemon) -> usize {
+    std::fs::read_dir(daemon.pin_dir.join("links"))
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with("tc-filter@"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Kernels before 6.6 have no TCX: the egress observer is a classic filter, which cannot be
+/// pinned. It stays attached across stops and crashes all the same, is replaced (not added
+/// to) at each start, gives way to a TCX link and back, and `--cleanup` detaches it.
+#[test]
+fn a_clsact_filter_stays_across_restarts_and_cleanup_detaches_it() {
+    use nix::sys::signal::Signal;
+    let lab = Lab::new("cf").unwrap();
+    let clsact = ["--tc-mode", "clsact"];
+    let mut daemon = lab.daemon_with_args("", &clsact).unwrap();
+    let one_filter = |daemon: &Daemon, when: &str| {
+        let seen = attachments(&lab);
+        assert_eq!(
+            clsact_filters(&lab),
+            1,
+            "{when}:\n{seen}\n{}",
+            daemon.log_text()
+        );
+        assert!(
+            !seen.contains("Egress: resil_tc_egress"),
+            "{when}: a TCX link too:\n{seen}"
+        );
+        assert_eq!(filter_records(daemon), 1, "{when}");
+    };
+    one_filter(&daemon, "started");
+    assert!(
+        daemon.log_text().contains("TC clsact"),
+        "{}",
+        daemon.log_text()
+    );
+    daemon.stop().unwrap();
+    one_filter(&daemon, "stopped");
+    daemon.start_again().unwrap();
+    one_filter(&daemon, "started again");
+    daemon.restart(Signal::SIGKILL).unwrap();
+    one_filter(&daemon, "after a crash");
+
+    daemon.restart_with_args(&["--tc-mode", "tcx"]).unwrap();
+    let seen = attachments(&lab);
+    assert!(seen.contains("Egress: resil_tc_egress"), "{seen}");
+    assert_eq!(clsact_filters(&lab), 0, "{seen}");
+    assert_eq!(filter_records(&daemon), 0);
+    daemon.restart_with_args(&clsact).unwrap();
+    one_filter(&daemon, "back from TCX");
+
+    daemon.stop().unwrap();
+    let out = daemon.cleanup().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = attachments(&lab);
+    assert!(!after.contains("resil"), "left attached:\n{after}");
+    assert!(!daemon.pin_dir.exists(), "pin directory left behind");
+}
+
 #[test]
 fn cleanup_is_refused_while_the_daemon_runs() {
     let lab = Lab::new("cr").unwrap();

@@ -61,6 +61,13 @@ fn counts_successful_connections_with_native_xdp() {
     successful_connections(Family::V4, &["--xdp-mode", "native"]);
 }
 
+/// What kernels before 6.6 get (a classic filter on the clsact qdisc) observes the same.
+#[test]
+fn counts_successful_connections_with_a_clsact_filter() {
+    successful_connections(Family::V4, &["--tc-mode", "clsact"]);
+    successful_connections(Family::V6, &["--tc-mode", "clsact"]);
+}
+
 fn refused_connections(family: Family) {
     const N: u64 = 7;
     let lab = Lab::new("rf").unwrap();
