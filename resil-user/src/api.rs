@@ -1,4 +1,5 @@
-//! The local API: newline-delimited JSON over a unix socket readable only by root.
+//! The local API: newline-delimited JSON over a unix socket, for its owner only (0600) or
+//! also for one group (`--socket-group`, 0660).
 //!
 //! One request line, one response line. The daemon side hands each request to the agent loop
 //! and writes back its answer; the client side is a blocking call used by the CLI.

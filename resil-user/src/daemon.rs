@@ -846,6 +846,8 @@ async fn agent(
     // Before anything is attached, so a signal during start-up still ends in a clean exit.
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    // Now, not once started: a reload (`systemctl reload`) during start-up must not kill it.
+    let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     // The socket first: a second daemon must learn that one is running before it touches
     // any hook (an interface holds one XDP program only).
     let server = Rc::new(Server::bind(&options.socket, group.as_ref())?);
@@ -877,7 +879,6 @@ async fn agent(
         tokio::task::spawn_local(async move { metrics::serve(listener, scrape_tx).await })
     });
     let mut cluster = kubernetes.as_ref().map(kubernetes::start).transpose()?;
-    let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let mut tick = tokio::time::interval(config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut agent = Agent::new(config, enforcer, saved);

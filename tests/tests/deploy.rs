@@ -14,9 +14,11 @@ use std::{
 use resil_tests::resil_bin;
 use serde_json::Value;
 
-/// The Kubernetes version the manifests are validated against (its schemas ship with
-/// kubernetes-validate; the chart's kubeVersion is >= 1.25).
+/// The Kubernetes version the chart is rendered for (its kubeVersion is >= 1.30).
 const KUBERNETES: &str = "1.31.0";
+/// The versions the manifests are validated against: the oldest the chart allows and the
+/// newest whose schemas ship with kubernetes-validate.
+const VALIDATED: [&str; 2] = ["1.30.0", "1.37.0"];
 /// The core objects of a default render, as kubernetes-validate names them.
 const CORE: [&str; 4] = [
     "serviceaccount/resil",
@@ -165,11 +167,18 @@ fn object<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
 /// ServiceMonitor) are only warned about by kubernetes-validate: any other warning fails.
 fn validate(scratch: &Scratch, manifests: &str) -> BTreeSet<String> {
     let file = scratch.write("manifests.yaml", manifests);
-    let out = run(Command::new(tool("kubernetes-validate"))
-        .args(["--strict", "--kubernetes-version", KUBERNETES])
-        .arg(&file));
-    let report = text(&out);
-    assert!(out.status.success(), "kubernetes-validate:\n{report}");
+    let mut report = String::new();
+    for version in VALIDATED {
+        let out = run(Command::new(tool("kubernetes-validate"))
+            .args(["--strict", "--kubernetes-version", version])
+            .arg(&file));
+        let said = text(&out);
+        assert!(
+            out.status.success(),
+            "kubernetes-validate {version}:\n{said}"
+        );
+        report += &said;
+    }
     let mut passed = BTreeSet::new();
     for line in report.lines() {
         if let Some(rest) = line.strip_prefix("INFO ") {
@@ -517,6 +526,7 @@ fn custom_values_render_valid_manifests() {
              seLinuxOptions: {type: spc_t}\n\
              serviceMonitor: {enabled: true, interval: 15s, labels: {release: prometheus}}\n\
              kubernetesNames: true\n\
+             tcMode: clsact\n\
              hostCgroupRoot: /sys/fs/cgroup/unified\n",
         ),
     );
@@ -528,6 +538,8 @@ fn custom_values_render_valid_manifests() {
     let container = agent(&docs, "resil");
     let args = strings(&container["args"]);
     assert_eq!(flags(&args, "--iface"), ["eth0", "eth1"]);
+    assert_eq!(flag(&args, "--tc-mode"), Some("clsact"));
+    assert_eq!(flag(&args, "--xdp-mode"), Some("auto"));
     let pod = &object(&docs, "DaemonSet", "resil")["spec"]["template"]["spec"];
     let cgroup = pod["volumes"]
         .as_array()
@@ -544,10 +556,7 @@ fn custom_values_render_valid_manifests() {
         strings(&role["rules"][0]["resources"]),
         ["pods", "services"]
     );
-    assert_eq!(
-        strings(&role["rules"][0]["verbs"]),
-        ["get", "list", "watch"]
-    );
+    assert_eq!(strings(&role["rules"][0]["verbs"]), ["list", "watch"]);
     let binding = object(&docs, "ClusterRoleBinding", "resil");
     assert_eq!(binding["roleRef"]["name"], "resil");
     assert_eq!(binding["subjects"][0]["name"], pod["serviceAccountName"]);
@@ -556,11 +565,16 @@ fn custom_values_render_valid_manifests() {
     assert_eq!(flag(&args, "--metrics"), Some("0.0.0.0:9500"));
     assert_eq!(flag(&args, "--socket-group"), Some("1000"));
     assert_eq!(container["ports"][0]["containerPort"], 9500);
-    // Not in the group it gives the socket to: it needs CAP_CHOWN for that.
+    // In the group it gives the socket to: no CAP_CHOWN for that.
     let added: BTreeSet<String> = strings(&container["securityContext"]["capabilities"]["add"])
         .into_iter()
         .collect();
-    assert_eq!(added, set(&["BPF", "NET_ADMIN", "PERFMON", "CHOWN"]));
+    assert_eq!(added, set(&["BPF", "NET_ADMIN", "PERFMON"]));
+    assert_eq!(
+        object(&docs, "DaemonSet", "resil")["spec"]["template"]["spec"]["securityContext"]
+            ["supplementalGroups"],
+        serde_json::json!([1000])
+    );
     assert_eq!(
         container["securityContext"]["seccompProfile"]["type"],
         "Unconfined"
@@ -722,6 +736,14 @@ fn values_the_daemon_would_refuse_fail_the_render_with_a_reason() {
             "is loopback: the kubelet probes",
         ),
         ("socketGroup=resil", "must be a group id (a number)"),
+        (
+            "tcMode=netlink",
+            "tcMode \"netlink\" must be one of: auto, tcx, clsact",
+        ),
+        (
+            "xdpMode=skb",
+            "xdpMode \"skb\" must be one of: auto, native, generic",
+        ),
     ] {
         let err = render_set(&scratch, &[set]).expect_err(set);
         assert!(err.contains(says), "{set}: {err}");

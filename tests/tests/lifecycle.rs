@@ -557,9 +557,23 @@ fn a_socket_group_lets_its_members_use_the_cli_and_no_one_else() {
     // A group for the test alone: a free id, given numerically (no /etc/group entry needed).
     let gid = 47_000 + std::process::id() % 10_000;
     let gid_text = gid.to_string();
-    let daemon = lab
-        .daemon_with_args("", &["--socket-group", &gid_text])
-        .unwrap();
+    let group_arg = ["--socket-group", gid_text.as_str()];
+    // As systemd (SupplementaryGroups=) and the chart (supplementalGroups) run it: the
+    // documented capabilities only, no CAP_CHOWN, and in the group.
+    let in_group = format!("--groups={gid_text}");
+    let limited = |groups: &str| {
+        [
+            "setpriv".to_string(),
+            "--bounding-set=-all,+bpf,+net_admin,+perfmon".into(),
+            "--inh-caps=-all".into(),
+            groups.to_string(),
+            "--".into(),
+        ]
+    };
+    let wrapper = limited(&in_group);
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let daemon = lab.daemon_wrapped(&wrapper, "", &group_arg).unwrap();
+    assert_eq!(effective_caps(daemon.pid().unwrap()), DOCUMENTED_CAPS);
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let meta = std::fs::metadata(&daemon.socket).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
@@ -587,6 +601,19 @@ fn a_socket_group_lets_its_members_use_the_cli_and_no_one_else() {
     let err = String::from_utf8_lossy(&outsider.stderr);
     assert_eq!(outsider.status.code(), Some(1), "{err}");
     assert!(err.contains("permission denied"), "{err}");
+    drop(daemon);
+
+    // Not in the group and without CAP_CHOWN: one sentence saying what it needs.
+    let wrapper = limited("--clear-groups");
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let err = match lab.daemon_wrapped(&wrapper, "", &group_arg) {
+        Ok(_) => panic!("the daemon gave the socket to a group it is not in without CAP_CHOWN"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("the daemon must be in that group or have CAP_CHOWN"),
+        "{err}"
+    );
 
     let out = Command::new(resil_bin())
         .args([

@@ -32,9 +32,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 
 {{/*
-The container's security context: uid 0 with the three capabilities the daemon needs, and
-CHOWN when it must give the socket to a group it is not in. Called with (dict "root" $
-"chown" bool).
+The container's security context: uid 0 with the three capabilities the daemon needs
+(nothing more: the pod's supplementalGroups put it in the socket group, so giving the socket
+to that group needs no CAP_CHOWN).
 */}}
 {{- define "resil.securityContext" -}}
 runAsUser: 0
@@ -50,16 +50,13 @@ capabilities:
     - BPF
     - NET_ADMIN
     - PERFMON
-    {{- if and .chown .root.Values.socketGroup }}
-    - CHOWN
-    {{- end }}
 seccompProfile:
-  {{- toYaml .root.Values.seccompProfile | nindent 2 }}
-{{- with .root.Values.appArmorProfile }}
+  {{- toYaml .Values.seccompProfile | nindent 2 }}
+{{- with .Values.appArmorProfile }}
 appArmorProfile:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .root.Values.seLinuxOptions }}
+{{- with .Values.seLinuxOptions }}
 seLinuxOptions:
   {{- toYaml . | nindent 2 }}
 {{- end }}
@@ -94,4 +91,18 @@ The daemon's --metrics address, host:port with IPv6 hosts in brackets. The kubel
 {{- fail (printf "socketGroup %q must be a group id (a number): the image has no /etc/group to look a name up in" $group) -}}
 {{- end -}}
 {{- $group -}}
+{{- end -}}
+
+{{/*
+A value that must be one of a few words, as the daemon's flag takes them. Called with
+(list "name" value (list "word" …)).
+*/}}
+{{- define "resil.oneOf" -}}
+{{- $name := index . 0 -}}
+{{- $value := index . 1 -}}
+{{- $words := index . 2 -}}
+{{- if not (has $value $words) -}}
+{{- fail (printf "%s %q must be one of: %s" $name $value (join ", " $words)) -}}
+{{- end -}}
+{{- $value -}}
 {{- end -}}
