@@ -123,7 +123,7 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
     /// Name endpoints after the pods and services that have their addresses, from the
-    /// Kubernetes API (needs get, list and watch on pods and services).
+    /// Kubernetes API (needs list and watch on pods and services).
     #[arg(long)]
     pub kubernetes_names: bool,
     /// The Kubernetes API server, like https://10.96.0.1:443. Default: the in-cluster

@@ -388,7 +388,7 @@ impl Watcher {
             .map_err(|e| match e {
                 ureq::Error::Status(410, _) => anyhow::Error::new(Gone),
                 ureq::Error::Status(401 | 403, _) => anyhow!(
-                    "the Kubernetes API refused to list {} (the service account needs get, list and watch on them)",
+                    "the Kubernetes API refused to list {} (the service account needs list and watch on them)",
                     self.kind.name()
                 ),
                 other => anyhow!("{other}"),

@@ -253,28 +253,14 @@ fn a_refused_token_is_one_warning_and_nothing_else_changes() {
     let creds = credentials(&lab.dir);
     std::fs::write(creds.join("token"), "not-the-token\n").unwrap();
     let api = FakeApi::start(&lab, json!({"pods": [], "services": []}));
-    let creds_arg = creds.to_string_lossy().into_owned();
-    let daemon = lab
-        .daemon_with_args(
-            "",
-            &[
-                "--kubernetes-names",
-                "--kubernetes-api",
-                API,
-                "--kubernetes-credentials",
-                &creds_arg,
-                "--metrics",
-                "off",
-            ],
-        )
-        .unwrap();
+    let daemon = naming_daemon(&lab, &creds);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !daemon.log_text().contains("refused to list") && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
     let log = daemon.log_text();
     assert!(
-        log.contains("the Kubernetes API refused to list pods (the service account needs get, list and watch on them)"),
+        log.contains("the Kubernetes API refused to list pods (the service account needs list and watch on them)"),
         "{log}"
     );
     assert_eq!(log.matches("refused to list pods").count(), 1, "{log}");
