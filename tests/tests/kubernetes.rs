@@ -185,19 +185,7 @@ fn endpoints_are_named_after_pods_and_services_and_follow_the_watch() {
             "pod_events": [{"type": "ADDED", "object": pod("shop", "db-0", "10.200.0.4", false)}],
         }),
     );
-    let creds_arg = creds.to_string_lossy().into_owned();
-    let daemon = lab
-        .daemon_with_args(
-            "",
-            &[
-                "--kubernetes-names",
-                "--kubernetes-api",
-                API,
-                "--kubernetes-credentials",
-                &creds_arg,
-            ],
-        )
-        .unwrap();
+    let daemon = naming_daemon(&lab, &creds, &[]);
     let _server = lab.serve(8080, resil_tests::ServeMode::Echo).unwrap();
     lab.client(|| {
         for last in [2, 3, 4, 5] {
@@ -253,7 +241,7 @@ fn a_refused_token_is_one_warning_and_nothing_else_changes() {
     let creds = credentials(&lab.dir);
     std::fs::write(creds.join("token"), "not-the-token\n").unwrap();
     let api = FakeApi::start(&lab, json!({"pods": [], "services": []}));
-    let daemon = naming_daemon(&lab, &creds);
+    let daemon = naming_daemon(&lab, &creds, &NO_METRICS);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !daemon.log_text().contains("refused to list") && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
@@ -268,22 +256,20 @@ fn a_refused_token_is_one_warning_and_nothing_else_changes() {
     daemon.status();
 }
 
-/// A daemon naming endpoints from the stand-in API server, without metrics.
-fn naming_daemon(lab: &Lab, creds: &Path) -> Daemon {
+const NO_METRICS: [&str; 2] = ["--metrics", "off"];
+
+/// A daemon naming endpoints from the stand-in API server, with `extra` arguments.
+fn naming_daemon(lab: &Lab, creds: &Path, extra: &[&str]) -> Daemon {
     let creds_arg = creds.to_string_lossy().into_owned();
-    lab.daemon_with_args(
-        "",
-        &[
-            "--kubernetes-names",
-            "--kubernetes-api",
-            API,
-            "--kubernetes-credentials",
-            &creds_arg,
-            "--metrics",
-            "off",
-        ],
-    )
-    .unwrap()
+    let mut args = vec![
+        "--kubernetes-names",
+        "--kubernetes-api",
+        API,
+        "--kubernetes-credentials",
+        &creds_arg,
+    ];
+    args.extend(extra);
+    lab.daemon_with_args("", &args).unwrap()
 }
 
 /// The pod list requests (pages) and watches the stand-in has seen, in order.
@@ -315,7 +301,7 @@ fn each_outage_is_one_warning_and_its_end_one_info_line() {
     // Outage one: two lists fail, the third works. Outage two: the watch after it fails;
     // the list after that works, and so does its watch (request 5).
     let api = one_pod_failing(&lab, &[0, 1, 3]);
-    let daemon = naming_daemon(&lab, &creds);
+    let daemon = naming_daemon(&lab, &creds, &NO_METRICS);
     let deadline = Instant::now() + Duration::from_secs(20);
     while pod_requests(&api).len() < 6 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
@@ -349,7 +335,7 @@ fn a_good_list_resets_the_backoff_after_a_failed_watch() {
     // Every list works and the four watches after the first four lists fail: each is a
     // failure after a success, so each waits the first backoff step (1 s), not 1, 2, 4, 8 s.
     let api = one_pod_failing(&lab, &[1, 3, 5, 7]);
-    let _daemon = naming_daemon(&lab, &creds);
+    let _daemon = naming_daemon(&lab, &creds, &NO_METRICS);
     let lists = |api: &FakeApi| {
         pod_requests(api)
             .iter()
