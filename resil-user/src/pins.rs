@@ -277,6 +277,13 @@ pub fn take_pinned_link(path: &Path) -> Option<FdLink> {
     }
 }
 
+/// The name in `links/` of an attachment of `kind` (`xdp-native`, `tc-egress`, …) to an
+/// interface: `<kind>@<iface>#<ifindex>`, so that a recreated interface (another index) is
+/// told apart from the one the attachment was made to.
+pub fn interface_link(kind: &str, iface: &str, ifindex: u32) -> String {
+    format!("{kind}@{iface}#{ifindex}")
+}
+
 /// The network namespace this process is in (the inode of `/proc/self/ns/net`).
 fn network_namespace() -> Result<u64> {
     let path = "/proc/self/ns/net";
@@ -301,8 +308,8 @@ pub struct TcFilterRecord {
     pub handle: u32,
 }
 
-/// How a record's name begins.
-const TC_FILTER_PREFIX: &str = "tc-filter@";
+/// The kind of [`interface_link`] a record is named as.
+const TC_FILTER: &str = "tc-filter";
 
 impl TcFilterRecord {
     /// The record of a filter just attached to `iface` in this network namespace.
@@ -324,15 +331,18 @@ impl TcFilterRecord {
     /// `tc-filter@<iface>#<ifindex>,netns=<inode>,prio=<priority>,handle=<handle>`.
     pub fn file_name(&self) -> String {
         format!(
-            "{TC_FILTER_PREFIX}{}#{},netns={},prio={},handle={:#x}",
-            self.iface, self.ifindex, self.netns, self.priority, self.handle
+            "{},netns={},prio={},handle={:#x}",
+            interface_link(TC_FILTER, &self.iface, self.ifindex),
+            self.netns,
+            self.priority,
+            self.handle
         )
     }
 
     /// The record a file name holds, if it is one (interface names may hold `,` and `#`:
     /// the fields are read from the right).
     pub fn parse(name: &str) -> Option<Self> {
-        let rest = name.strip_prefix(TC_FILTER_PREFIX)?;
+        let rest = name.strip_prefix(TC_FILTER)?.strip_prefix('@')?;
         let mut fields = rest.rsplitn(4, ',');
         let handle = fields.next()?.strip_prefix("handle=0x")?;
         let priority = fields.next()?.strip_prefix("prio=")?;

@@ -200,7 +200,7 @@ impl Probes {
             XdpMode::Auto => &["native", "generic"],
         };
         for used in accepted {
-            let pin = format!("xdp-{used}@{iface}#{ifindex}");
+            let pin = pins::interface_link(&format!("xdp-{used}"), iface, ifindex);
             let path = self.pins.link_path(&pin);
             let Ok(pinned) = aya::programs::links::PinnedLink::from_pin(&path) else {
                 continue;
@@ -224,9 +224,11 @@ impl Probes {
         // not take the new program) goes first: an interface holds one XDP program, and one
         // mode at a time. Ingress goes unobserved until the new program is attached.
         for used in ["native", "generic"] {
-            let path = self
-                .pins
-                .link_path(&format!("xdp-{used}@{iface}#{ifindex}"));
+            let path = self.pins.link_path(&pins::interface_link(
+                &format!("xdp-{used}"),
+                iface,
+                ifindex,
+            ));
             if let Some(old) = pins::take_pinned_link(&path) {
                 info!("detaching the {used} XDP program a previous run left on {iface}");
                 drop(old);
@@ -254,7 +256,7 @@ impl Probes {
         };
         let link = FdLink::try_from(program.take_link(id)?)
             .context("the kernel attached XDP without a BPF link (needs Linux 5.9 or later)")?;
-        let pin = format!("xdp-{used}@{iface}#{ifindex}");
+        let pin = pins::interface_link(&format!("xdp-{used}"), iface, ifindex);
         self.pin(link, &pin)?;
         Ok(used)
     }
@@ -282,7 +284,7 @@ impl Probes {
             TcMode::Tcx => true,
             TcMode::Clsact => false,
         };
-        let link_pin = format!("tc-egress@{iface}#{ifindex}");
+        let link_pin = pins::interface_link("tc-egress", iface, ifindex);
         let filters = self.pins.tc_filter_records(iface, ifindex)?;
         if tcx {
             self.attach_tcx(iface, &link_pin)?;

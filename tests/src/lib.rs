@@ -702,6 +702,8 @@ pub struct Daemon {
     pub pin_dir: PathBuf,
     log: PathBuf,
     config: PathBuf,
+    /// Its network namespace, as nsenter takes it (`--net=/run/netns/NAME`).
+    netns: String,
     /// How it was started: `nsenter` and its arguments (a restart runs them again).
     command: Vec<std::ffi::OsString>,
     /// Where the extra arguments begin in `command`.
@@ -737,8 +739,8 @@ impl Daemon {
         );
         let pin_dir = Path::new(LAB_PIN_ROOT).join(format!("{lab}-{n}"));
         cleanup::pin_dir(&pin_dir);
-        let mut command: Vec<std::ffi::OsString> =
-            vec!["nsenter".into(), format!("--net=/run/netns/{netns}").into()];
+        let netns = format!("--net=/run/netns/{netns}");
+        let mut command: Vec<std::ffi::OsString> = vec!["nsenter".into(), (&netns).into()];
         command.extend(wrapper.iter().map(Into::into));
         command.extend([
             resil_bin().into(),
@@ -762,6 +764,7 @@ impl Daemon {
             pin_dir,
             log,
             config: config_path,
+            netns,
             command,
             extra_at,
         };
@@ -964,8 +967,8 @@ impl Daemon {
     /// `resil daemon --cleanup` on the daemon's pin directory, in its network namespace (as
     /// on a node, where both run in the host's: a classic TC filter is reachable only there).
     pub fn cleanup(&self) -> Result<std::process::Output> {
-        Command::new(&self.command[0])
-            .arg(&self.command[1])
+        Command::new("nsenter")
+            .arg(&self.netns)
             .arg(resil_bin())
             .args(["daemon", "--cleanup", "--pin-dir"])
             .arg(&self.pin_dir)

@@ -96,13 +96,19 @@ fn read(relative: &str) -> String {
     fs::read_to_string(repo().join(relative)).unwrap_or_else(|e| panic!("{relative}: {e}"))
 }
 
-/// helm, with its cache and config homes in the scratch dir and the repository as cwd.
-fn helm(scratch: &Scratch) -> Command {
-    let mut cmd = Command::new(tool("helm"));
-    cmd.current_dir(repo())
-        .env("HELM_CACHE_HOME", scratch.path("helm/cache"))
+/// `program` with helm's cache, config and data homes in the scratch dir.
+fn with_helm_homes(scratch: &Scratch, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.env("HELM_CACHE_HOME", scratch.path("helm/cache"))
         .env("HELM_CONFIG_HOME", scratch.path("helm/config"))
         .env("HELM_DATA_HOME", scratch.path("helm/data"));
+    cmd
+}
+
+/// helm, with its homes in the scratch dir and the repository as cwd.
+fn helm(scratch: &Scratch) -> Command {
+    let mut cmd = with_helm_homes(scratch, tool("helm"));
+    cmd.current_dir(repo());
     cmd
 }
 
@@ -236,6 +242,13 @@ fn agent<'a>(docs: &'a [Value], name: &str) -> &'a Value {
         .as_array()
         .and_then(|c| c.iter().find(|c| c["name"] == "resil"))
         .expect("container resil")
+}
+
+/// The capabilities a container adds.
+fn added_caps(container: &Value) -> BTreeSet<String> {
+    strings(&container["securityContext"]["capabilities"]["add"])
+        .into_iter()
+        .collect()
 }
 
 /// The values of the unit's `key=` lines.
@@ -404,12 +417,9 @@ fn default_render_is_valid_kubernetes() {
 #[test]
 fn committed_manifests_are_the_default_render() {
     let scratch = Scratch::new("committed");
-    let out = run(Command::new("sh")
+    let out = run(with_helm_homes(&scratch, "sh")
         .arg(repo().join("deploy/kubernetes/render.sh"))
-        .env("HELM", tool("helm"))
-        .env("HELM_CACHE_HOME", scratch.path("helm/cache"))
-        .env("HELM_CONFIG_HOME", scratch.path("helm/config"))
-        .env("HELM_DATA_HOME", scratch.path("helm/data")));
+        .env("HELM", tool("helm")));
     assert!(out.status.success(), "render.sh:\n{}", text(&out));
     let committed = read("deploy/kubernetes/resil.yaml");
     assert!(
@@ -436,10 +446,7 @@ fn daemonset_asks_only_for_what_the_daemon_needs_and_is_probed() {
     let container = agent(&docs, "resil");
     let security = &container["securityContext"];
 
-    let added: BTreeSet<String> = strings(&security["capabilities"]["add"])
-        .into_iter()
-        .collect();
-    assert_eq!(added, set(&["BPF", "NET_ADMIN", "PERFMON"]));
+    assert_eq!(added_caps(container), set(&["BPF", "NET_ADMIN", "PERFMON"]));
     assert_eq!(strings(&security["capabilities"]["drop"]), ["ALL"]);
     assert_eq!(security["privileged"], false);
     assert_eq!(security["allowPrivilegeEscalation"], false);
@@ -566,13 +573,9 @@ fn custom_values_render_valid_manifests() {
     assert_eq!(flag(&args, "--socket-group"), Some("1000"));
     assert_eq!(container["ports"][0]["containerPort"], 9500);
     // In the group it gives the socket to: no CAP_CHOWN for that.
-    let added: BTreeSet<String> = strings(&container["securityContext"]["capabilities"]["add"])
-        .into_iter()
-        .collect();
-    assert_eq!(added, set(&["BPF", "NET_ADMIN", "PERFMON"]));
+    assert_eq!(added_caps(container), set(&["BPF", "NET_ADMIN", "PERFMON"]));
     assert_eq!(
-        object(&docs, "DaemonSet", "resil")["spec"]["template"]["spec"]["securityContext"]
-            ["supplementalGroups"],
+        pod["securityContext"]["supplementalGroups"],
         serde_json::json!([1000])
     );
     assert_eq!(
@@ -637,10 +640,7 @@ fn cleanup_mode_replaces_the_agent_with_a_cleanup_daemonset() {
         strings(&init["args"]),
         ["daemon", "--cleanup", "--pin-dir", "/sys/fs/bpf/resil"]
     );
-    let added: BTreeSet<String> = strings(&init["securityContext"]["capabilities"]["add"])
-        .into_iter()
-        .collect();
-    assert_eq!(added, set(&["BPF", "NET_ADMIN", "PERFMON"]));
+    assert_eq!(added_caps(init), set(&["BPF", "NET_ADMIN", "PERFMON"]));
     assert_eq!(init["securityContext"]["privileged"], false);
     assert_eq!(pod["hostNetwork"], true);
 }

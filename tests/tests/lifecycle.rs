@@ -377,6 +377,14 @@ fn refuses_interfaces_without_ethernet_frames() {
 /// Exactly CAP_NET_ADMIN (12), CAP_PERFMON (38) and CAP_BPF (39).
 const DOCUMENTED_CAPS: u64 = (1 << 12) | (1 << 38) | (1 << 39);
 
+/// `setpriv` leaving root exactly the documented capabilities; its own options (groups)
+/// follow, then `--` and the daemon.
+const ONLY_DOCUMENTED_CAPS: [&str; 3] = [
+    "setpriv",
+    "--bounding-set=-all,+bpf,+net_admin,+perfmon",
+    "--inh-caps=-all",
+];
+
 fn effective_caps(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let hex = status
@@ -418,12 +426,7 @@ fn does_its_work_with_only_the_documented_capabilities(lab: &Lab, wrapper: &[&st
 #[test]
 fn the_daemon_does_its_work_with_only_the_documented_capabilities() {
     let lab = Lab::new("cp").unwrap();
-    let limited = [
-        "setpriv",
-        "--bounding-set=-all,+bpf,+net_admin,+perfmon",
-        "--inh-caps=-all",
-        "--",
-    ];
+    let limited = [&ONLY_DOCUMENTED_CAPS[..], &["--"]].concat();
     does_its_work_with_only_the_documented_capabilities(&lab, &limited);
 }
 
@@ -561,18 +564,12 @@ fn a_socket_group_lets_its_members_use_the_cli_and_no_one_else() {
     // As systemd (SupplementaryGroups=) and the chart (supplementalGroups) run it: the
     // documented capabilities only, no CAP_CHOWN, and in the group.
     let in_group = format!("--groups={gid_text}");
-    let limited = |groups: &str| {
-        [
-            "setpriv".to_string(),
-            "--bounding-set=-all,+bpf,+net_admin,+perfmon".into(),
-            "--inh-caps=-all".into(),
-            groups.to_string(),
-            "--".into(),
-        ]
-    };
-    let wrapper = limited(&in_group);
-    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
-    let daemon = lab.daemon_wrapped(&wrapper, "", &group_arg).unwrap();
+    fn limited(groups: &str) -> Vec<&str> {
+        [&ONLY_DOCUMENTED_CAPS[..], &[groups, "--"]].concat()
+    }
+    let daemon = lab
+        .daemon_wrapped(&limited(&in_group), "", &group_arg)
+        .unwrap();
     assert_eq!(effective_caps(daemon.pid().unwrap()), DOCUMENTED_CAPS);
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let meta = std::fs::metadata(&daemon.socket).unwrap();
@@ -604,9 +601,7 @@ fn a_socket_group_lets_its_members_use_the_cli_and_no_one_else() {
     drop(daemon);
 
     // Not in the group and without CAP_CHOWN: one sentence saying what it needs.
-    let wrapper = limited("--clear-groups");
-    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
-    let err = match lab.daemon_wrapped(&wrapper, "", &group_arg) {
+    let err = match lab.daemon_wrapped(&limited("--clear-groups"), "", &group_arg) {
         Ok(_) => panic!("the daemon gave the socket to a group it is not in without CAP_CHOWN"),
         Err(e) => format!("{e:#}"),
     };

@@ -17,12 +17,7 @@ use nix::{
 };
 
 /// The capabilities a test may name, by their number in linux/capability.h.
-const CAPS: [(&str, u64); 4] = [
-    ("chown", 0),
-    ("net_admin", 12),
-    ("perfmon", 38),
-    ("bpf", 39),
-];
+const CAPS: [(&str, u64); 3] = [("net_admin", 12), ("perfmon", 38), ("bpf", 39)];
 
 struct Options {
     root: PathBuf,

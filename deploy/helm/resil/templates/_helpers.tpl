@@ -106,3 +106,22 @@ A value that must be one of a few words, as the daemon's flag takes them. Called
 {{- end -}}
 {{- $value -}}
 {{- end -}}
+
+{{/*
+Which nodes a DaemonSet's pods run on (the agent's and the cleanup's alike): nodeSelector,
+affinity, tolerations.
+*/}}
+{{- define "resil.placement" -}}
+{{- with .Values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
